@@ -1,0 +1,149 @@
+"""Synthesises phantom cases in memory (:func:`synthesize_case`) and writes them as case folders (:func:`generate`).
+
+A case is: one anatomy, rendered once per phase on that phase's own grid with that phase's motion, turned into
+HU by the phase's enhancement, blurred (partial volume) and given its own noise.
+"""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from data_prep.phantom import acquisition, anatomy, dicom_writer, enhancement, identity, labels_io
+from data_prep.phantom import motion as motion_lib
+from data_prep.phantom import preview as preview_lib
+from data_prep.phantom import render
+
+PHASES = enhancement.PHASES
+_STREAMS = {'anatomy': 0, 'motion': 1, 'enhancement': 2, 'identity': 3, 'scan': 4}
+_NOISE_STREAM = 10
+MIN_SIZE = 16
+MIN_SLICES = 4
+
+
+@dataclasses.dataclass
+class Case:
+  """One synthetic case in memory.
+
+  Attributes:
+    case_id: folder name, ``case_0000`` style.
+    hu: per phase, int16 ``(S, H, W)`` HU (rows = posterior direction, slice 0 = most cranial).
+    labels: per phase, uint8 ``(S, H, W)`` organ labels on the same grid as ``hu[phase]``.
+    motion: the motion.json dict.
+    label_names: the labels.json dict, name -> id.
+    slice_z: per phase, float64 ``(S,)`` table position (ImagePositionPatient z) of each slice, mm.
+    pixel_spacing: mm.
+    slice_thickness: mm.
+    identity: fake patient and study identifiers and the UID factory.
+    rescale_intercept: -1024 or 0, how the DICOM files store the values.
+    noise_sd: per phase, the noise SD drawn for that series.
+  """
+  case_id: str
+  hu: dict
+  labels: dict
+  motion: dict
+  label_names: dict
+  slice_z: dict
+  pixel_spacing: float
+  slice_thickness: float
+  identity: dict
+  rescale_intercept: int
+  noise_sd: dict
+
+
+def _rng(seed: int, case_index: int, stream: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed), int(case_index), stream])
+
+
+def check_geometry(size: int, slices: int, slice_thickness: float, pixel_spacing: float) -> None:
+  """Raises ValueError with what to fix when the grid cannot hold the phantom."""
+  if size < MIN_SIZE:
+    raise ValueError(f'size must be at least {MIN_SIZE} pixels, got {size}')
+  if slices < MIN_SLICES:
+    raise ValueError(f'slices must be at least {MIN_SLICES}, got {slices}')
+  if not slice_thickness > 0 or not pixel_spacing > 0:
+    raise ValueError('slice_thickness and pixel_spacing must be positive')
+  if size * pixel_spacing < anatomy.MIN_FIELD_OF_VIEW_MM:
+    raise ValueError(
+        f'field of view size * pixel_spacing = {size * pixel_spacing:g} mm is too small for the body; it must be at '
+        f'least {anatomy.MIN_FIELD_OF_VIEW_MM:g} mm (e.g. --size 128 --pixel_spacing 3.0, or --size 512 '
+        f'--pixel_spacing 0.75)')
+
+
+def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
+                    pixel_spacing: float = 0.75) -> Case:
+  """The case ``case_index`` of the dataset drawn with ``seed``, in memory (same arguments, same arrays)."""
+  check_geometry(size, slices, slice_thickness, pixel_spacing)
+  scan_rng = _rng(seed, case_index, _STREAMS['scan'])
+  top_z = round(float(scan_rng.uniform(-150.0, 50.0)), 1)
+  rescale_intercept = -1024 if scan_rng.random() < 0.75 else 0
+  parts = anatomy.sample_anatomy(_rng(seed, case_index, _STREAMS['anatomy']), top_z, slices * slice_thickness)
+  motions = motion_lib.sample_motion(_rng(seed, case_index, _STREAMS['motion']))
+  params = enhancement.sample_enhancement(_rng(seed, case_index, _STREAMS['enhancement']))
+  hu, labels, slice_z, noise_sd = {}, {}, {}, {}
+  for i, phase in enumerate(PHASES):
+    series_motion = motions[phase]
+    first = top_z + series_motion.slice_offset * slice_thickness
+    slice_z[phase] = np.round(first - slice_thickness * np.arange(slices), 4)
+    grid = render.Grid(size, pixel_spacing, slice_z[phase])
+    labels[phase] = render.render(parts, grid, series_motion, anatomy.LABEL_IDS)
+    ideal = enhancement.hu_volume(labels[phase], phase, params, pixel_spacing)
+    blurred = acquisition.partial_volume(ideal, pixel_spacing)
+    noisy, noise_sd[phase] = acquisition.add_noise(blurred, _rng(seed, case_index, _NOISE_STREAM + i), pixel_spacing)
+    hu[phase] = acquisition.quantise(noisy)
+  body_2d = np.any(labels['non_contrast'] > 0, axis=0)
+  motion_json = {
+      'reference': 'non_contrast',
+      'pixel_spacing_mm': pixel_spacing,
+      'slice_thickness_mm': slice_thickness,
+      'phases': {phase: motions[phase].to_json(body_2d, pixel_spacing) for phase in motion_lib.CONTRAST_PHASES},
+  }
+  return Case(case_id=f'case_{case_index:04d}', hu=hu, labels=labels, motion=motion_json,
+              label_names=dict(anatomy.LABEL_IDS), slice_z=slice_z, pixel_spacing=pixel_spacing,
+              slice_thickness=slice_thickness, identity=identity.sample_identity(
+                  _rng(seed, case_index, _STREAMS['identity']), seed, case_index),
+              rescale_intercept=rescale_intercept, noise_sd=noise_sd)
+
+
+def transfer_syntax_for(case_index: int, compress: bool):
+  """With ``compress``, cases alternate RLE Lossless, JPEG 2000 Lossless and uncompressed; else uncompressed."""
+  if not compress:
+    return None
+  return (RLELossless, JPEG2000Lossless, None)[case_index % 3]
+
+
+def write_case(case: Case, case_dir: pathlib.Path, transfer_syntax=None) -> None:
+  """Writes the case folder: four DICOM series, label volumes, labels.json and motion.json."""
+  for phase in PHASES:
+    dicom_writer.write_series(case_dir / phase, phase, case.hu[phase], case.slice_z[phase], case.pixel_spacing,
+                              case.slice_thickness, case.identity, case.rescale_intercept, transfer_syntax)
+    labels_io.write_label_volume(case_dir / 'labels' / f'{phase}.nii.gz', case.labels[phase], case.slice_z[phase],
+                                 case.pixel_spacing)
+  labels_io.write_json(case_dir / 'labels.json', case.label_names)
+  labels_io.write_json(case_dir / 'motion.json', case.motion)
+
+
+def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
+             pixel_spacing: float = 0.75, compress: bool = False, preview: bool = False) -> list[pathlib.Path]:
+  """Writes ``cases`` case folders under ``out_dir`` (and ``preview.png`` of the first case with ``preview``).
+
+  Returns:
+    The case folders, in case order.
+  """
+  if cases < 1:
+    raise ValueError(f'cases must be at least 1, got {cases}')
+  if seed < 0:
+    raise ValueError(f'seed must be non-negative, got {seed}')
+  check_geometry(size, slices, slice_thickness, pixel_spacing)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  folders = []
+  for index in range(cases):
+    case = synthesize_case(index, seed, size, slices, slice_thickness, pixel_spacing)
+    folder = out_dir / case.case_id
+    write_case(case, folder, transfer_syntax_for(index, compress))
+    if preview and index == 0:
+      preview_lib.write_preview(out_dir / 'preview.png', case.hu)
+    folders.append(folder)
+  return folders
