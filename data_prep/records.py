@@ -1,0 +1,219 @@
+"""The record schema of the converted dataset, its shard files, and the reading API.
+
+One record per kept (non-contrast, contrast) slice pair; the features are listed in ``features()`` and in
+docs/data_contracts.md. Each phase directory is a TFDS dataset directory (``dataset_info.json``,
+``features.json`` and shards named ``vcect-<split>.<format>-NNNNN-of-MMMMM``) that ``tfds.builder_from_directory``
+and ``tfds.data_source`` open. ArrayRecord is the default (random access for grain); TFRecord is written on
+request (framed and CRC-checked as ``tf.data.TFRecordDataset`` expects; grain reads it sequentially).
+
+Every shard is written under a temporary name and renamed when complete, so a file with a final shard name is
+always whole.
+
+Reading: ``load_split(phase_dir, split)`` returns a random-access source (``len``, ``__getitem__`` -> dict of
+numpy arrays; ``case_id`` comes back as ``bytes``) that ``grain.MapDataset.source`` accepts.
+"""
+
+import os
+import pathlib
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+DATASET_NAME = "vcect"
+SPLITS = ("train", "validation", "test")
+FILE_FORMATS = ("array_record", "tfrecord")
+TMP_SUFFIX = ".tmp"
+VERSION = "1.0.0"
+ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # random access; zstd level 1 is ~5x faster than the default
+
+
+def features(image_size: int) -> tfds.features.FeaturesDict:
+  """The TFDS features of one record, for ``image_size`` x ``image_size`` images."""
+  hw = (image_size, image_size)
+  # Images as raw little-endian bytes: an int64 list (the default for integer tensors) is ~50x slower to write.
+  raw = tfds.features.Encoding.BYTES
+  return tfds.features.FeaturesDict({
+      "pre": tfds.features.Tensor(shape=(3,) + hw, dtype=np.int16, encoding=raw),
+      "post": tfds.features.Tensor(shape=hw, dtype=np.int16, encoding=raw),
+      "body_mask": tfds.features.Tensor(shape=hw, dtype=np.uint8, encoding=raw),
+      "labels": tfds.features.Tensor(shape=hw, dtype=np.uint8, encoding=raw),
+      "case_id": tfds.features.Text(),
+      "slice_index": tfds.features.Scalar(dtype=np.int32),
+      "table_z_mm": tfds.features.Scalar(dtype=np.float32),
+      "pixel_spacing_mm": tfds.features.Scalar(dtype=np.float32),
+      "misalignment_px": tfds.features.Scalar(dtype=np.float32),
+      "ecc_score": tfds.features.Scalar(dtype=np.float32),
+  })
+
+
+def shard_name(split: str, file_format: str, index: int, count: int) -> str:
+  return f"{DATASET_NAME}-{split}.{file_format}-{index:05d}-of-{count:05d}"
+
+
+# ------------------------------------------------------------------ a plain framed file (the converter's cache)
+
+
+def write_framed(path: pathlib.Path, items: Iterable[bytes]) -> None:
+  """Writes length-prefixed byte strings to ``path`` atomically (temporary name, then rename)."""
+  tmp = path.with_name(path.name + TMP_SUFFIX)
+  with open(tmp, "wb") as f:
+    for item in items:
+      f.write(struct.pack("<Q", len(item)))
+      f.write(item)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_framed(path: pathlib.Path) -> Iterator[bytes]:
+  with open(path, "rb") as f:
+    while head := f.read(8):
+      (n,) = struct.unpack("<Q", head)
+      yield f.read(n)
+
+
+# ------------------------------------------------------------------ shards
+
+
+class _ArrayRecordWriter:
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    self._writer = array_record_module.ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class _TFRecordWriter:
+
+  def __init__(self, path: str):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  # TFRecord framing with CRC32C
+    self._writer = tf.io.TFRecordWriter(path)
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def remove_shards(phase_dir: pathlib.Path) -> None:
+  """Deletes every shard and temporary file of a phase directory (a rerun rewrites them all)."""
+  if not phase_dir.exists():
+    return
+  for p in phase_dir.iterdir():
+    if p.name.startswith(DATASET_NAME + "-") or p.name.endswith(TMP_SUFFIX):
+      p.unlink()
+
+
+def write_split(phase_dir: pathlib.Path, split: str, records: Iterable[bytes], count: int, file_format: str,
+                examples_per_shard: int = 1000) -> tuple[list[int], int]:
+  """Writes ``count`` serialized records of one split into shards.
+
+  Returns:
+    (shard_lengths, num_bytes).
+  """
+  if file_format not in FILE_FORMATS:
+    raise ValueError(f"file_format must be one of {FILE_FORMATS}, not {file_format!r}")
+  writer_cls = _ArrayRecordWriter if file_format == "array_record" else _TFRecordWriter
+  # An empty split still gets one (empty) shard, so that TFDS lists the split.
+  num_shards = max(1, -(-count // examples_per_shard))
+  lengths = [count // num_shards + (1 if i < count % num_shards else 0) for i in range(num_shards)]
+  it = iter(records)
+  num_bytes = 0
+  for index, length in enumerate(lengths):
+    final = phase_dir / shard_name(split, file_format, index, num_shards)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    writer = writer_cls(str(tmp))
+    for _ in range(length):
+      record = next(it)
+      num_bytes += len(record)
+      writer.write(record)
+    writer.close()
+    os.replace(tmp, final)
+  return lengths, num_bytes
+
+
+def write_metadata(phase_dir: pathlib.Path, image_size: int, file_format: str,
+                   split_lengths: dict[str, tuple[Sequence[int], int]], description: str) -> None:
+  """Writes dataset_info.json and features.json so that TFDS opens ``phase_dir``."""
+  template = tfds.core.ShardedFileTemplate(data_dir=phase_dir, dataset_name=DATASET_NAME,
+                                           filetype_suffix=file_format)
+  infos = [tfds.core.SplitInfo(name=split, shard_lengths=list(lengths), num_bytes=int(nbytes),
+                               filename_template=template.replace(split=split))
+           for split, (lengths, nbytes) in split_lengths.items()]
+  tfds.folder_dataset.write_metadata(data_dir=phase_dir, features=features(image_size), split_infos=infos,
+                                     version=VERSION, filename_template=template, check_data=False,
+                                     description=description)
+
+
+# ------------------------------------------------------------------ reading
+
+
+class _EmptySource:
+  """A split with no records."""
+
+  def __len__(self) -> int:
+    return 0
+
+  def __getitem__(self, index):
+    raise IndexError(index)
+
+
+class _TFRecordSource:
+  """Random access over TFRecord shards: record offsets are indexed once, records decoded on demand."""
+
+  def __init__(self, paths: Sequence[pathlib.Path], feature_dict: tfds.features.FeaturesDict):
+    self._features = feature_dict
+    self._index: list[tuple[pathlib.Path, int, int]] = []
+    for path in paths:
+      with open(path, "rb") as f:
+        offset = 0
+        while head := f.read(12):
+          (n,) = struct.unpack("<Q", head[:8])
+          self._index.append((path, offset + 12, n))
+          offset += 12 + n + 4
+          f.seek(offset)
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, index: int) -> dict:
+    path, offset, n = self._index[index]
+    with open(path, "rb") as f:
+      f.seek(offset)
+      return self._features.deserialize_example_np(f.read(n))
+
+
+def load_split(phase_dir: str | os.PathLike, split: str):
+  """Random-access source over one split of a converted phase directory.
+
+  Args:
+    phase_dir: ``OUT/<phase>`` of a conversion.
+    split: ``train``, ``validation`` or ``test``.
+
+  Returns:
+    An object with ``len()`` and ``__getitem__`` returning a dict of numpy arrays keyed as in ``features()``
+    (``case_id`` as bytes); ``grain.MapDataset.source(...)`` accepts it. Empty splits give an empty source.
+  """
+  phase_dir = pathlib.Path(phase_dir)
+  if not (phase_dir / "dataset_info.json").exists():
+    raise FileNotFoundError(f"{phase_dir} is not a converted dataset directory (no dataset_info.json); "
+                            "run `python -m data_prep.convert` first")
+  builder = tfds.builder_from_directory(str(phase_dir))
+  if split not in builder.info.splits:
+    raise KeyError(f"{phase_dir} has no split {split!r}; it has {sorted(builder.info.splits.keys())}")
+  info = builder.info.splits[split]
+  if info.num_examples == 0:
+    return _EmptySource()
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    paths = [pathlib.Path(p) for p in info.filenames] if hasattr(info, "filenames") else []
+    paths = [phase_dir / pathlib.Path(p).name for p in paths]
+    return _TFRecordSource(paths, builder.info.features)
+  return builder.as_data_source(split=split)
