@@ -1,0 +1,172 @@
+"""Tests of the pretext pretraining: intensity levels, batching, training to high accuracy, checkpoint loading."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import pretrain as pretrain_configs
+from vcect_jax import hu
+from vcect_jax import models
+from vcect_jax import pretrain
+
+
+def synthetic_stacks(n: int, size: int, seed: int) -> np.ndarray:
+  """Phantom-like non-contrast stacks `(n, 3, size, size)` int16 HU: air, a fat-rimmed body of muscle, a liver,
+  a spleen, two kidneys, the aorta and a vertebra, at random positions and sizes, with correlated noise."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size] / size
+  stacks = np.empty((n, 3, size, size), np.int16)
+
+  def ellipse(cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+  for i in range(n):
+    cy, cx = 0.5 + rng.uniform(-0.04, 0.04, 2)
+    ry, rx = rng.uniform(0.3, 0.4), rng.uniform(0.38, 0.47)
+    img = np.full((size, size), -1000.0)
+    img[ellipse(cy, cx, ry, rx)] = rng.uniform(-120, -80)                       # subcutaneous fat
+    img[ellipse(cy, cx, ry * 0.85, rx * 0.88)] = rng.uniform(40, 55)            # muscle / soft tissue
+    img[ellipse(cy - 0.05, cx - 0.15, ry * 0.45, rx * 0.35)] = rng.uniform(50, 70)   # liver
+    img[ellipse(cy - 0.08, cx + 0.2, ry * 0.2, rx * 0.15)] = rng.uniform(40, 55)     # spleen
+    for side in (-1, 1):
+      img[ellipse(cy + 0.1, cx + side * 0.12, 0.06, 0.04)] = rng.uniform(30, 45)   # kidneys
+    img[ellipse(cy + 0.02, cx + 0.02, 0.03, 0.03)] = rng.uniform(30, 45)        # aorta
+    img[ellipse(cy + 0.2, cx, 0.06, 0.06)] = rng.uniform(200, 400)              # vertebra
+    noise = rng.normal(0, 12, (3, size // 4, size // 4)).repeat(4, 1).repeat(4, 2)  # spatially correlated
+    stacks[i] = np.clip(img[None] + noise, -1024, 3071).astype(np.int16)
+  return stacks
+
+
+def smoke_config():
+  config = pretrain_configs.get_config("smoke")
+  config.pretrain.steps = 60
+  config.pretrain.log_every = 20
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One smoke pretraining run on phantom non-contrast slices (data_prep.phantom), shared by the tests below."""
+  config = smoke_config()
+  config.data.phantom.cases = 4
+  config.data.phantom.slices = 8
+  train_source, validation_source = pretrain.phantom_sources(config)  # the last case validates
+  assert len(train_source) == 24 and len(validation_source) == 8
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  return config, pretrain.pretrain(config, workdir, train_source, validation_source)
+
+
+def test_pretrain_on_synthetic_ellipses(tmp_path):
+  config = smoke_config()
+  config.pretrain.steps = 40
+  size = config.data.image_size
+  result = pretrain.pretrain(config, str(tmp_path), pretrain.ArraySource(synthetic_stacks(32, size, 0)),
+                             pretrain.ArraySource(synthetic_stacks(8, size, 1)))
+  assert min(result["per_class_accuracy"].values()) > 0.9, result
+
+
+def test_intensity_levels():
+  pre_hu = jnp.asarray(np.array([[[[-1000, -170, 30, 230, 500]]] * 3]), jnp.int16)  # (1, 3, 1, 5)
+  x, labels = pretrain.intensity_levels(pre_hu, (0.5, 1.0, 2.0), hu.Window(), clip=False)
+  assert x.shape == (3, 1, 5, 3)
+  np.testing.assert_array_equal(labels, [0, 1, 2])
+  unit = np.array([0.0, 0.0, 0.5, 1.0, 1.0])  # the window clips HU first
+  for k, alpha in enumerate((0.5, 1.0, 2.0)):
+    np.testing.assert_allclose(x[k, 0, :, 1], unit * alpha * 2 - 1, atol=1e-6)
+  clipped, _ = pretrain.intensity_levels(pre_hu, (0.5, 1.0, 2.0), hu.Window(), clip=True)
+  np.testing.assert_allclose(clipped[2, 0, :, 1], np.minimum(unit * 2, 1) * 2 - 1, atol=1e-6)
+
+
+def test_neighbour_stacks_duplicate_the_edges():
+  volume = np.arange(4)[:, None, None] * np.ones((4, 2, 2), np.int16)
+  stacks = pretrain.neighbour_stacks(volume)
+  assert stacks.shape == (4, 3, 2, 2)
+  np.testing.assert_array_equal(stacks[:, :, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+
+
+def test_train_batches_are_deterministic_and_drop_the_remainder():
+  source = pretrain.ArraySource(np.arange(7)[:, None, None, None] * np.ones((7, 3, 2, 2), np.int16))
+  first = [b[:, 0, 0, 0] for _, b in zip(range(6), pretrain.train_batches(source, 2, seed=3))]
+  again = [b[:, 0, 0, 0] for _, b in zip(range(6), pretrain.train_batches(source, 2, seed=3))]
+  np.testing.assert_array_equal(first, again)
+  epoch = np.concatenate(first[:3])
+  assert len(set(epoch.tolist())) == 6  # 3 batches of 2 per epoch, no repeats, one slice left over
+
+
+def test_pretrain_reaches_high_validation_accuracy(trained):
+  _, result = trained
+  accuracy = result["per_class_accuracy"]
+  assert set(accuracy) == {"0.5", "1", "1.5", "2"}
+  assert min(accuracy.values()) > 0.9, accuracy
+  assert np.isfinite(result["final_loss"]) and result["steps"] == 60
+  assert os.path.isdir(result["checkpoint"])
+
+
+def test_init_generator_copies_the_encoder_exactly_and_nothing_else(trained):
+  config, result = trained
+  generator = models.Generator(config.model.generator, rngs=nnx.Rngs(7))
+  encoder_before = jax.tree.map(np.array, nnx.state(generator.encoder))
+  rest_before = {k: jax.tree.map(np.array, nnx.state(v)) for k, v in vars(generator).items()
+                 if isinstance(v, nnx.Module | nnx.List) and k != "encoder"}
+  assert rest_before  # the decoder and head exist
+
+  pretrain.init_generator_from_pretext(generator, result["checkpoint"])
+
+  pretext = pretrain.load_pretext_encoder(result["checkpoint"], config)
+  expected = jax.tree.leaves(nnx.state(pretext))
+  copied = jax.tree.leaves(nnx.state(generator.encoder))
+  assert len(expected) == len(copied) > 0
+  for a, b in zip(expected, copied):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(encoder_before), copied))
+  for name, before in rest_before.items():
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(getattr(generator, name)))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_pretext_encoder_gives_perceptual_features(trained):
+  config, result = trained
+  encoder = pretrain.load_pretext_encoder(result["checkpoint"], config)
+  img = hu.hu_to_model(jnp.asarray(synthetic_stacks(2, config.data.image_size, 5)[:, 1, :, :, None]))
+  loss, _ = models.perceptual.perceptual_loss(encoder, img, img)
+  assert float(loss) == 0.0
+  brighter, _ = models.perceptual.perceptual_loss(encoder, img + 0.2, img)
+  assert float(brighter) > 0
+
+
+def test_missing_checkpoint_gives_a_clear_error(tmp_path):
+  config = smoke_config()
+  with pytest.raises(FileNotFoundError, match="run the pretext pretraining first"):
+    pretrain.load_pretext_encoder(str(tmp_path / "nowhere"), config)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="no checkpoint steps"):
+    pretrain.load_pretext_encoder(str(tmp_path / "empty"), config)
+
+
+def test_incompatible_checkpoint_gives_a_clear_error(trained):
+  config, result = trained
+  other = smoke_config()
+  other.model.generator.widths = (8, 16, 32, 64, 64)
+  with pytest.raises(ValueError, match="widths"):
+    pretrain.load_pretext_encoder(result["checkpoint"], other)
+  generator = models.Generator(other.model.generator, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="pretrain again"):
+    pretrain.init_generator_from_pretext(generator, result["checkpoint"])
+
+
+def test_config_variants():
+  assert pretrain_configs.get_config().mode == "pretrain"
+  assert pretrain_configs.get_config("clip").pretrain.clip
+  with pytest.raises(ValueError, match="unknown variant"):
+    pretrain_configs.get_config("nope")
+
+
+def test_pretrain_refuses_to_overwrite_a_checkpoint(trained):
+  config, result = trained
+  source = pretrain.ArraySource(synthetic_stacks(8, config.data.image_size, 2))
+  with pytest.raises(FileExistsError, match="already exists"):
+    pretrain.pretrain(config, os.path.dirname(result["checkpoint"]), source, source)
