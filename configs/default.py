@@ -1,0 +1,153 @@
+"""Every configuration field of vcect-jax, with its meaning and the paper's default.
+
+Phase configs (`arterial.py`, `portal.py`, `delayed.py`) and `pretrain.py` start from `get_config()` here and
+change only what differs. Variants are chosen with `--config=configs/arterial.py:smoke` (see each file).
+Command-line overrides work on any field: `--config.train.steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # What `vcect_jax.main` runs: 'train' (dual-path GAN), 'pretrain' (pretext intensity classifier).
+  config.mode = "train"
+  # Contrast phase to synthesise: 'arterial', 'portal' or 'delayed'.
+  config.phase = "arterial"
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # Root of a converted dataset (the `--output` of `python -m data_prep.convert`, holding manifest.json).
+  # Empty: generate and convert the embedded synthetic phantom under `workdir/data` (once; later runs reuse it).
+  data.dir = ""
+  # Image side in pixels; the converter resizes to it (paper: 256).
+  data.image_size = 256
+  # CT window applied at training time (paper section 4.2: W400/L30, i.e. HU -170..230).
+  data.window = ml_collections.ConfigDict({"level": 30.0, "width": 400.0})
+  # Phantom used when `data.dir` is empty.
+  data.phantom = ml_collections.ConfigDict({
+      "cases": 10,            # number of synthetic cases (about one in five is excluded for large motion)
+      "slices": 24,           # slices per series
+      "size": 512,            # phantom matrix before the converter's resize
+      "slice_thickness": 5.0,  # mm
+      "pixel_spacing": 0.75,  # mm
+      "seed": 0,
+      "split_fractions": (0.6, 0.2, 0.2),  # train / validation / test, by case
+  })
+
+  # ---- model / perceptual / pretrain (issue 4)
+  config.model = model = ml_collections.ConfigDict()
+  # Generator (paper section 3.1): dense multi-resolution encoder (blocks at /1, /2, /4, /8, /16) + U-Net decoder.
+  model.generator = ml_collections.ConfigDict({
+      "in_channels": 3,                       # previous, current, next non-contrast slices
+      "widths": (32, 64, 128, 256, 512),      # encoder block widths; H, W must be multiples of 2**(len-1)
+      "residual": False,                      # True: predict the enhancement added to the middle input slice
+      "output_activation": "none",            # 'none' (linear, model space) or 'tanh' (bounded to [-1, 1])
+      "bn_momentum": 0.9,                     # BatchNorm running-statistics momentum
+  })
+  # Conditional patch discriminator: sees concat(non-contrast input, real or virtual contrast slice).
+  model.discriminator = ml_collections.ConfigDict({
+      "input_channels": 3,                    # must equal model.generator.in_channels
+      "target_channels": 1,
+      "widths": (64, 128, 256, 512),          # four conv + BatchNorm + LeakyReLU blocks
+      "strides": (1, 2, 2, 2),                # feature sizes 256, 128, 64, 32 for a 256 input (paper)
+      "kernel_size": 4,
+      "negative_slope": 0.2,                  # LeakyReLU slope
+      "bn_momentum": 0.9,
+  })
+  # Pretext intensity-level classifier: the generator's encoder + three fully connected layers.
+  model.classifier = ml_collections.ConfigDict({
+      "hidden": (256, 64),                    # sizes of the two hidden FC layers (the third outputs the classes)
+      "num_classes": 4,                       # must equal len(pretrain.alphas)
+  })
+
+  # Perceptual loss from the frozen pretext encoder (paper section 3.2).
+  config.perceptual = perceptual = ml_collections.ConfigDict()
+  # Orbax checkpoint directory written by `mode='pretrain'` (`<its workdir>/pretext`, e.g.
+  # "workdir/pretrain/pretext"). Empty: training pretrains one first, under `<its workdir>/pretrain/pretext`,
+  # on the training split of its own data.
+  perceptual.pretext_checkpoint = ""
+  # Weights of the MSE at the last four encoder blocks (/2, /4, /8, /16); the paper sums them with weight 1.
+  perceptual.weights = (1.0, 1.0, 1.0, 1.0)
+  # Initialise the generator's encoder from the pretext encoder (paper section 4.3.2).
+  perceptual.init_generator = True
+
+  # Pretext pretraining (`mode='pretrain'`, configs/pretrain.py; paper section 4.3.1).
+  config.pretrain = pretrain = ml_collections.ConfigDict()
+  # Intensity coefficients applied to the windowed [0, 1] intensities; one class each.
+  pretrain.alphas = (0.5, 1.0, 1.5, 2.0)
+  # False (paper): scaled intensities may exceed 1. True clips them at 1, like the authors' code (uint8 at 255).
+  pretrain.clip = False
+  pretrain.learning_rate = 1e-4
+  pretrain.epochs = 10
+  pretrain.decay_epochs = 8                   # learning rate times decay_factor after this many epochs
+  pretrain.decay_factor = 0.1
+  pretrain.batch_size = 2                     # slices per step; each enters with all alphas (4x the examples)
+  pretrain.steps = 0                          # > 0: train this many steps instead of `epochs`
+  # Non-contrast slices: 'records' (`pre` of converted records under records_dir, splits train/validation),
+  # 'phantom' (in-memory synthetic cases from data.phantom), 'npy' (int16 HU (N, 3, H, W) files npy_train and
+  # npy_validation), or 'auto' ('records' when data.dir is set, else 'phantom').
+  pretrain.source = "auto"
+  pretrain.records_dir = ""                   # empty: data.dir/<phase>
+  pretrain.npy_train = ""
+  pretrain.npy_validation = ""
+  pretrain.validation_cases = 2               # phantom source: the last cases form the validation split
+  pretrain.eval_batch_size = 8                # slices per evaluation batch
+  pretrain.max_eval_slices = 0                # > 0: evaluate on at most this many validation slices
+  pretrain.log_every = 50                     # steps between training-loss log lines
+
+  # ---------------------------------------------------------------- GAN training (issue 5)
+  # Loss terms (paper eq. 1, 3). Ablations of Table 2: use_discriminator=False, use_perceptual=False and
+  # dual_path.enabled=False.
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.use_discriminator = True
+  loss.use_perceptual = True
+  loss.adversarial_weight = 1.0
+  loss.pixel_weight = 1.0                     # lambda1 of eq. 3 (the authors' code uses 0.1)
+
+  # Dual-path schema (paper section 3.3, eq. 4).
+  config.dual_path = dual = ml_collections.ConfigDict()
+  dual.enabled = True
+  dual.global_weight = 0.6                    # lambda2
+  dual.local_weight = 0.4                     # lambda3
+  dual.shared_generator = True                # False: the local path has a generator of its own
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 2                        # global batch, split over all devices
+  train.epochs = 50
+  train.decay_epochs = 40                     # both learning rates times decay_factor after this many epochs
+  train.decay_factor = 0.1
+  train.steps = 0                             # > 0: train this many steps instead of `epochs`
+  train.generator_lr = 5e-5
+  train.discriminator_lr = 2e-4
+  train.b1 = 0.9                              # Adam betas (PyTorch defaults; the authors' code uses 0.5)
+  train.b2 = 0.999
+  train.weight_decay = 5e-4
+  # 'l2': added to the gradient before Adam, as torch.optim.Adam(weight_decay=...) which the paper used;
+  # 'decoupled': AdamW.
+  train.weight_decay_mode = "l2"
+  train.log_every = 50                        # steps between scalar summaries (and the finite-loss check)
+  train.image_every = 500                     # steps between image grids and perceptual heatmaps
+  train.eval_every = 1000                     # steps between validation metrics
+  train.eval_examples = 64                    # validation slices per evaluation (0: the whole split)
+  train.eval_batch_size = 8
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = 3
+  train.async_checkpoints = True
+
+  # grain input pipeline.
+  config.input = inp = ml_collections.ConfigDict()
+  inp.worker_count = 0                        # > 0: decode records in this many worker processes
+  inp.augment = ml_collections.ConfigDict({"enabled": False, "flip_lr": True, "max_shift_px": 4})
+
+  # Multi-host (TPU pods, multi-node GPU): jax.distributed.initialize() before anything else.
+  config.distributed = ml_collections.ConfigDict({
+      "enabled": False,
+      "coordinator_address": "",              # empty: auto-detect (TPU, SLURM)
+      "num_processes": 1,
+      "process_id": 0,
+  })
+
+  return config

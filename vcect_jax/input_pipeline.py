@@ -1,0 +1,116 @@
+"""grain pipelines over the converter's records: shard per process, shuffle, window, batch.
+
+Records hold HU (`pre` int16 (3, H, W), `post` int16 (H, W)); the window is applied here, at training time, via
+`vcect_jax.hu`, so that it stays a configuration choice. Batches are channels-last float32 in model space:
+
+  pre:       (B, H, W, 3) previous / current / next non-contrast slices, [-1, 1]
+  post:      (B, H, W, 1) the real contrast slice, [-1, 1]
+  post_hu:   (B, H, W)    the real contrast slice in HU (evaluation batches only)
+  pre_hu:    (B, H, W)    the current non-contrast slice in HU (evaluation batches only)
+  body_mask: (B, H, W)    float32, 1 inside the body (evaluation batches only)
+
+Training order is a pure function of (seed, step): the dataset is a random-access `MapDataset`, shuffled with a
+new permutation each epoch, so the iterator's state is an index that goes into the checkpoint and a resumed run
+sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+
+from vcect_jax import hu
+
+SPLITS = ("train", "validation", "test")
+
+
+def phase_dir(data_dir: str, phase: str) -> str:
+  """The TFDS directory of one phase inside a converted dataset, with errors that say what to fix."""
+  manifest = os.path.join(data_dir, "manifest.json")
+  if not os.path.exists(manifest):
+    raise FileNotFoundError(
+        f"config.data.dir={data_dir!r} has no manifest.json: point it at the --output of "
+        "`python -m data_prep.convert`, or leave it empty to use the embedded phantom")
+  path = os.path.join(data_dir, phase)
+  if not os.path.isdir(path):
+    with open(manifest) as f:
+      phases = sorted(json.load(f).get("phases", {}))
+    raise FileNotFoundError(f"{data_dir} has no records for phase {phase!r}; converted phases: {phases}")
+  return path
+
+
+def load_source(data_dir: str, phase: str, split: str):
+  """The random-access record source of one split."""
+  from data_prep import records  # pylint: disable=g-import-not-at-top
+
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return records.load_split(phase_dir(data_dir, phase), split)
+
+
+def to_model_space(example: dict, window: hu.Window, with_hu: bool = False) -> dict[str, np.ndarray]:
+  """One record -> the network's inputs and target, channels last, in model space."""
+  pre_hu = np.asarray(example["pre"], np.float32)
+  post_hu = np.asarray(example["post"], np.float32)
+  out = {
+      "pre": np.moveaxis(hu.hu_to_model(pre_hu, window), 0, -1),
+      "post": hu.hu_to_model(post_hu, window)[..., None],
+  }
+  if with_hu:
+    out["post_hu"] = post_hu
+    out["pre_hu"] = pre_hu[1]
+    out["body_mask"] = np.asarray(example["body_mask"], np.float32)
+  return out
+
+
+def augment(example: dict, rng: np.random.Generator, flip_lr: bool, max_shift_px: int) -> dict:
+  """Optional, off by default: the same random left-right flip and integer shift on inputs and target."""
+  out = dict(example)
+  if flip_lr and rng.random() < 0.5:
+    out = {k: v[:, ::-1] for k, v in out.items()}
+  if max_shift_px:
+    dy, dx = rng.integers(-max_shift_px, max_shift_px + 1, size=2)
+    out = {k: np.roll(v, (int(dy), int(dx)), axis=(0, 1)) for k, v in out.items()}
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def train_dataset(source, config, local_batch: int) -> grain.MapDataset:
+  """Endless training batches of this process: per-process shard, per-epoch shuffle, window, batch."""
+  window = hu.Window.from_config(config.data.window)
+  ds = grain.MapDataset.source(source)
+  ds = ds[jax.process_index()::jax.process_count()]
+  if len(ds) < local_batch:
+    raise ValueError(f"{len(ds)} training examples on this process, fewer than one batch of {local_batch}")
+  ds = ds.seed(config.seed).shuffle().repeat()
+  ds = ds.map(lambda ex: to_model_space(ex, window))
+  aug = config.input.augment
+  if aug.enabled:
+    ds = ds.random_map(lambda ex, rng: augment(ex, rng, aug.flip_lr, aug.max_shift_px))
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def eval_dataset(source, config, local_batch: int, max_examples: int = 0) -> grain.MapDataset:
+  """A fixed, unshuffled pass over (the first `max_examples` of) a split, HU kept for the metrics."""
+  window = hu.Window.from_config(config.data.window)
+  ds = grain.MapDataset.source(source)
+  if max_examples:
+    ds = ds[:max_examples]
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.map(lambda ex: to_model_space(ex, window, with_hu=True))
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def make_iterator(ds: grain.MapDataset, worker_count: int = 0):
+  """A checkpointable iterator; `worker_count > 0` decodes in that many worker processes."""
+  it_ds = ds.to_iter_dataset()
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
+
+
+def steps_per_epoch(num_train_examples: int, global_batch: int) -> int:
+  return max(1, num_train_examples // global_batch)

@@ -1,0 +1,75 @@
+"""TensorBoard summaries (clu metric writers, process 0 only) and the console progress line.
+
+Scalars carry `train_` / `eval_` prefixes. Image grids show, per validation slice, the non-contrast input |
+virtual | real | |virtual - real| on the training window, and the perceptual heatmaps of the four encoder blocks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+
+from vcect_jax import hu
+from vcect_jax import input_pipeline
+
+IMAGE_EXAMPLES = 2
+
+
+class Writer:
+  """One run's summary writer, progress reporter (steps/s) and console ETA."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.total_steps = total_steps
+    self._writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    self._progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self._writer)
+    self._last_console = None  # (time, step)
+
+  def tick(self, step: int) -> None:
+    self._progress(step)
+
+  def scalars(self, step: int, values: dict) -> None:
+    self._writer.write_scalars(step, values)
+
+  def images(self, step: int, images: dict) -> None:
+    self._writer.write_images(step, images)
+
+  def console(self, step: int, means: dict) -> None:
+    """`step 120/500 (24%)  g_loss 0.41  d_loss 1.23  2.1 steps/s  ETA 0:03:01`."""
+    now = time.monotonic()
+    rate_text, eta_text = "", ""
+    if self._last_console is not None and step > self._last_console[1]:
+      rate = (step - self._last_console[1]) / max(now - self._last_console[0], 1e-9)
+      eta = datetime.timedelta(seconds=round((self.total_steps - step) / rate))
+      rate_text, eta_text = f"  {rate:.2f} steps/s", f"  ETA {eta}"
+    self._last_console = (now, step)
+    losses = "  ".join(f"{k} {means[k]:.4g}" for k in ("g_loss", "d_loss") if k in means)
+    logging.info("step %d/%d (%d%%)  %s%s%s", step, self.total_steps, 100 * step // self.total_steps, losses,
+                 rate_text, eta_text)
+
+  def close(self) -> None:
+    self._writer.flush()
+    self._writer.close()
+
+
+def write_images(writer: Writer, eval_step, state, encoder_state, source, config, step: int,
+                 window: hu.Window) -> None:
+  """Grids of the first validation slices, and their perceptual heatmaps when an encoder is in use."""
+  n = min(IMAGE_EXAMPLES, len(source))
+  batch = next(iter(input_pipeline.eval_dataset(source, config, n, n)))
+  out = jax.device_get(eval_step(state, encoder_state, batch))
+  pre = hu.model_to_unit(batch["pre"][..., 1])
+  virtual = np.clip(hu.model_to_unit(out["virtual"][..., 0]), 0, 1)
+  real = hu.model_to_unit(batch["post"][..., 0])
+  grid = np.concatenate([pre, virtual, real, np.abs(virtual - real)], axis=2)  # (n, H, 4W)
+  images = {"pre_virtual_real_absdiff": grid[..., None]}
+  if "heatmaps" in out:
+    heat = out["heatmaps"]  # (n, H, W, 4)
+    heat = heat / np.maximum(heat.max(axis=(1, 2), keepdims=True), 1e-12)
+    images["perceptual_heatmaps"] = np.concatenate(list(np.moveaxis(heat, -1, 0)), axis=2)[..., None]
+  writer.images(step, images)
