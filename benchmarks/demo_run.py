@@ -9,6 +9,9 @@ virtual aorta HU is at least halfway from the non-contrast value to the real one
 """
 
 import argparse
+import ast
+import glob
+import os
 import importlib
 import shutil
 import time
@@ -51,10 +54,21 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--phase", default="arterial")
   parser.add_argument("--reuse", action="store_true", help="only evaluate an existing run")
+  parser.add_argument("--keep_data", action="store_true",
+                      help="keep <workdir>/data (phantom + records) and retrain from scratch on it")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override, e.g. --set train.steps=600 (repeatable)")
   args = parser.parse_args()
   if not args.reuse:
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.keep_data:
+      for name in ("checkpoints", "pretrain"):
+        shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
+      for f in glob.glob(os.path.join(args.workdir, "events.out.tfevents.*")):
+        os.remove(f)
+    else:
+      shutil.rmtree(args.workdir, ignore_errors=True)
     config = importlib.import_module(f"configs.{args.phase}").get_config("demo")
+    config.update_from_flattened_dict({k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.set)})
     t0 = time.perf_counter()
     result = train.train_and_evaluate(config, args.workdir)
     print(f"demo run ({args.phase}): {time.perf_counter() - t0:.0f} s end to end, validation "

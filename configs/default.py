@@ -87,10 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
   pretrain.batch_size = 2                     # slices per step; each enters with all alphas (4x the examples)
   pretrain.steps = 0                          # > 0: train this many steps instead of `epochs`
   # Non-contrast slices: 'records' (`pre` of converted records under records_dir, splits train/validation),
-  # 'phantom' (in-memory synthetic cases from data.phantom), 'npy' (int16 HU (N, 3, H, W) files npy_train and
-  # npy_validation), or 'auto' ('records' when data.dir is set, else 'phantom').
+  # 'phantom' (in-memory synthetic cases from data.phantom), 'dicom' (the non-contrast series of a DICOM folder,
+  # dicom_dir), 'npy' (int16 HU (N, 3, H, W) files npy_train and npy_validation), or 'auto' ('records' when
+  # data.dir is set, else 'phantom').
   pretrain.source = "auto"
   pretrain.records_dir = ""                   # empty: data.dir/<phase>
+  pretrain.dicom_dir = ""                     # source 'dicom': a folder of non-contrast CT series (e.g. NLST)
   pretrain.npy_train = ""
   pretrain.npy_validation = ""
   pretrain.validation_cases = 2               # phantom source: the last cases form the validation split

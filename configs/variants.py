@@ -43,7 +43,7 @@ def _smoke(config):
 
 def _demo(config):
   config.data.image_size = 64
-  config.data.phantom.update(cases=10, slices=16, size=128, slice_thickness=5.0, pixel_spacing=3.0)
+  config.data.phantom.update(cases=8, slices=16, size=128, slice_thickness=5.0, pixel_spacing=3.0)
   config.model.generator.widths = (16, 32, 64, 64, 128)
   config.model.discriminator.widths = (16, 32, 64, 64)
   config.model.classifier.hidden = (64, 32)
@@ -53,10 +53,10 @@ def _demo(config):
   config.pretrain.log_every = 50
   config.pretrain.max_eval_slices = 64
   config.train.batch_size = 4
-  config.train.steps = 2000
+  config.train.steps = 800
   config.train.generator_lr = 2e-4   # a short run: the paper's 5e-5 is tuned for 50 epochs of real data
   config.train.log_every = 50
-  config.train.image_every = 500
-  config.train.eval_every = 500
+  config.train.image_every = 200
+  config.train.eval_every = 200
   config.train.eval_examples = 64
-  config.train.checkpoint_every = 500
+  config.train.checkpoint_every = 200

@@ -239,13 +239,13 @@ def _square(img: np.ndarray, fill) -> np.ndarray:
   return out
 
 
-def _resize(img: np.ndarray, size: int, nearest: bool, fill) -> np.ndarray:
+def resize_square(img: np.ndarray, size: int, nearest: bool, fill) -> np.ndarray:
   """(H, W) -> (size, size): HU by area averaging (rounded), masks and labels by nearest neighbour."""
   img = _square(img, fill)
   if img.shape[-1] == size:
     return img
   if img.ndim == 3:
-    return np.stack([_resize(x, size, nearest, fill) for x in img])
+    return np.stack([resize_square(x, size, nearest, fill) for x in img])
   if nearest:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST)
   out = cv2.resize(img.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
@@ -335,10 +335,10 @@ def _convert_pair(plan, settings, pre, masks, labels, post, spacing, features, o
     eccs.append(cc)
     stack = np.stack([pre.hu[max(i - 1, 0)], pre.hu[i], pre.hu[min(i + 1, n - 1)]])
     example = {
-        "pre": _resize(stack, size, False, -1024),
-        "post": _resize(post_hu, size, False, -1024),
-        "body_mask": _resize(masks[i], size, True, 0),
-        "labels": _resize(labels[i], size, True, 0) if labels is not None else np.zeros((size, size), np.uint8),
+        "pre": resize_square(stack, size, False, -1024),
+        "post": resize_square(post_hu, size, False, -1024),
+        "body_mask": resize_square(masks[i], size, True, 0),
+        "labels": resize_square(labels[i], size, True, 0) if labels is not None else np.zeros((size, size), np.uint8),
         "case_id": plan.case_id,
         "slice_index": i,
         "table_z_mm": float(pre_z[i]),

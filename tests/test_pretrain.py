@@ -170,3 +170,27 @@ def test_pretrain_refuses_to_overwrite_a_checkpoint(trained):
   source = pretrain.ArraySource(synthetic_stacks(8, config.data.image_size, 2))
   with pytest.raises(FileExistsError, match="already exists"):
     pretrain.pretrain(config, os.path.dirname(result["checkpoint"]), source, source)
+
+
+def test_dicom_folder_source_reads_only_non_contrast_series(tmp_path):
+  """pretrain.source='dicom': non-contrast series of a DICOM folder, HU as pydicom reads them, split by study."""
+  import pydicom
+  from data_prep import phantom
+
+  phantom.generate(tmp_path / "dicom", cases=3, seed=3, size=128, slices=5, pixel_spacing=3.0)
+  config = pretrain_configs.get_config("smoke")
+  config.data.image_size = 128  # no resize, so HU compare exactly
+  config.pretrain.source = "dicom"
+  config.pretrain.dicom_dir = str(tmp_path / "dicom")
+  config.pretrain.validation_cases = 1
+  train_source, val_source = pretrain.make_sources(config)
+  assert (len(train_source), len(val_source)) == (10, 5)  # 2 + 1 studies x 5 non-contrast slices
+  # The validation study's middle slice equals pydicom's HU of the most cranial-but-two non-contrast file.
+  files = sorted((tmp_path / "dicom" / "case_0002" / "non_contrast").iterdir())
+  slices = sorted((pydicom.dcmread(f) for f in files), key=lambda d: -float(d.ImagePositionPatient[2]))
+  want = slices[2].pixel_array.astype(np.float32) * float(slices[2].RescaleSlope) + float(slices[2].RescaleIntercept)
+  np.testing.assert_array_equal(val_source[2]["pre"][1], want.astype(np.int16))
+  np.testing.assert_array_equal(val_source[2]["pre"][0], val_source[1]["pre"][1])
+  config.pretrain.dicom_dir = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="dicom_dir"):
+    pretrain.make_sources(config)

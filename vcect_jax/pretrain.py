@@ -87,6 +87,46 @@ def phantom_sources(config) -> tuple[ArraySource, ArraySource]:
   return ArraySource(np.concatenate(stacks[:-n_val])), ArraySource(np.concatenate(stacks[-n_val:]))
 
 
+def dicom_sources(config) -> tuple[ArraySource, ArraySource]:
+  """Train and validation sources from a folder of non-contrast CT series (the paper's NLST role).
+
+  Every CT series under `pretrain.dicom_dir` that the phase rules do not name a contrast phase is read (sorted,
+  HU, resized like the converter does), split by study: the last `pretrain.validation_cases` studies validate.
+  Series that cannot be read are skipped with their reason in the log.
+  """
+  from data_prep import convert  # pylint: disable=g-import-not-at-top
+  from data_prep import dicom_io  # pylint: disable=g-import-not-at-top
+  from data_prep import phases  # pylint: disable=g-import-not-at-top
+
+  root, size = config.pretrain.dicom_dir, int(config.data.image_size)
+  if not root or not os.path.isdir(root):
+    raise FileNotFoundError(f"pretrain.source='dicom' needs pretrain.dicom_dir, a folder of non-contrast CT "
+                            f"series; {root!r} is not a directory")
+  studies, skipped = dicom_io.scan(root)
+  rules = phases.PhaseRules()
+  per_study = []
+  for study in studies:
+    stacks = []
+    for series in study.series:
+      if rules.phase_of(series.uid, series.description, series.protocol_name) in phases.CONTRAST_PHASES:
+        continue
+      try:
+        volume = dicom_io.read_volume(dicom_io.check_geometry(series))
+      except dicom_io.SeriesRejected as e:
+        logging.warning("pretext data: skipped a series of %d files: %s", len(series.slices), e)
+        continue
+      stacks.append(neighbour_stacks(convert.resize_square(volume.hu, size, False, -1024)))
+    if stacks:
+      per_study.append(np.concatenate(stacks))
+  logging.info("pretext data: %d studies with non-contrast series under %s (%d files skipped)", len(per_study),
+               root, len(skipped))
+  n_val = int(config.pretrain.validation_cases)
+  if not 0 < n_val < len(per_study):
+    raise ValueError(f"pretrain.dicom_dir has {len(per_study)} usable studies; pretrain.validation_cases={n_val} "
+                     "must leave at least one for training and one for validation")
+  return ArraySource(np.concatenate(per_study[:-n_val])), ArraySource(np.concatenate(per_study[-n_val:]))
+
+
 def make_sources(config) -> tuple[Any, Any]:
   """The train and validation sources that `config.pretrain.source` names."""
   source = config.pretrain.source
@@ -101,6 +141,8 @@ def make_sources(config) -> tuple[Any, Any]:
     return records.load_split(phase_dir, "train"), records.load_split(phase_dir, "validation")
   if source == "phantom":
     return phantom_sources(config)
+  if source == "dicom":
+    return dicom_sources(config)
   if source == "npy":
     paths = (config.pretrain.npy_train, config.pretrain.npy_validation)
     for path in paths:
@@ -108,7 +150,7 @@ def make_sources(config) -> tuple[Any, Any]:
         raise FileNotFoundError(f"pretrain.source='npy' needs int16 (N, 3, H, W) files in pretrain.npy_train and "
                                 f"pretrain.npy_validation; missing {path!r}")
     return tuple(ArraySource(np.load(path, mmap_mode="r")) for path in paths)
-  raise ValueError(f"pretrain.source={source!r} is not one of 'auto', 'records', 'phantom', 'npy'")
+  raise ValueError(f"pretrain.source={source!r} is not one of 'auto', 'records', 'phantom', 'dicom', 'npy'")
 
 
 def _stack(source, indices: Sequence[int]) -> np.ndarray:
