@@ -138,8 +138,8 @@ def make_train_step(config, graphdef, encoder_graphdef):
     def g_loss_fn(virtual):
       terms, totals = {}, {}
       for path, v in virtual.items():
-        path_total = config.loss.pixel_weight * losses.pixel_mse(v, post)
         terms[f"g_pixel_{path}"] = losses.pixel_mse(v, post)
+        path_total = config.loss.pixel_weight * terms[f"g_pixel_{path}"]
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages are not kept
           terms[f"g_adv_{path}"] = losses.adversarial(d(pre, v), 1.0)
