@@ -14,7 +14,7 @@ import shutil
 
 from absl import logging
 
-PHASES = ("arterial", "portal", "delayed")
+from data_prep import phases
 
 
 def _settings(config) -> dict:
@@ -54,7 +54,7 @@ def ensure_dataset(config, workdir: str) -> str:
   key_file = os.path.join(root, "phantom.hmac_key")
   with open(key_file, "wb") as f:
     f.write(hashlib.sha256(f"vcect-phantom-{p.seed}".encode()).digest())
-  convert.run(convert.Settings(input=dicom_dir, output=converted, phases=PHASES,
+  convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                           image_size=int(config.data.image_size), key_file=key_file,
                                           split_fractions=tuple(config.data.phantom.split_fractions),
                                           split_method="rank"))

@@ -15,10 +15,8 @@ Order of the updates inside one step (pix2pix's order, with a single generator f
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+
+from data_prep import phases
 
 from vcect_jax import checkpoint as ckpt_lib
 from vcect_jax import dual_path
@@ -199,8 +199,8 @@ def validate_config(config) -> None:
   """Stops early, with what to fix, on values that would fail later or silently do something else."""
   t = config.train
   problems = []
-  if config.phase not in ("arterial", "portal", "delayed"):
-    problems.append(f"phase={config.phase!r} must be 'arterial', 'portal' or 'delayed'")
+  if config.phase not in phases.CONTRAST_PHASES:
+    problems.append(f"phase={config.phase!r} must be one of {phases.CONTRAST_PHASES}")
   if t.batch_size < 1:
     problems.append(f"train.batch_size={t.batch_size} must be >= 1")
   if t.weight_decay_mode not in ("l2", "decoupled"):
