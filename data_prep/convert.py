@@ -18,6 +18,7 @@ How a run is organised, so that a killed run can be rerun to the same result:
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -240,7 +241,7 @@ def _square(img: np.ndarray, fill) -> np.ndarray:
 
 
 def resize_square(img: np.ndarray, size: int, nearest: bool, fill) -> np.ndarray:
-  """(H, W) -> (size, size): HU by area averaging (rounded), masks and labels by nearest neighbour."""
+  """(..., H, W) -> (..., size, size): HU by area averaging (rounded), masks and labels by nearest neighbour."""
   img = _square(img, fill)
   if img.shape[-1] == size:
     return img
@@ -278,6 +279,13 @@ def convert_case(plan: CasePlan, settings: Settings, cache: pathlib.Path | None,
   spacing = pre_geometry.pixel_spacing_mm[1] * max(pre.hu.shape[1:]) / settings.image_size
   features = records.features(settings.image_size)
   masks = [align.body_mask(s, None if pre.padding is None else pre.padding[i]) for i, s in enumerate(pre.hu)]
+  # Every phase's records share the non-contrast slices, masks and labels: resize them once per case.
+  size = settings.image_size
+  shared = _SharedSlices(
+      pre=resize_square(pre.hu, size, False, -1024),
+      masks=resize_square(np.stack(masks), size, True, 0),
+      labels=resize_square(labels, size, True, 0) if labels is not None else np.zeros((len(masks), size, size),
+                                                                                      np.uint8))
   for phase in pending:
     if phase not in plan.series:
       summary["phases"][phase] = {"skipped": f"study has no {phase} series"}
@@ -293,14 +301,31 @@ def convert_case(plan: CasePlan, settings: Settings, cache: pathlib.Path | None,
       summary["phases"][phase] = {"skipped": f"{phase} series rejected: {e}"}
       continue
     summary["phases"][phase] = _convert_pair(
-        plan, settings, pre, masks, labels, post, spacing, features,
+        plan, settings, pre, masks, shared, post, spacing, features,
         None if cache is None else cache / f"{plan.name}.{phase}.rec",
         None if sink is None else (lambda example, phase=phase: sink(phase, example)))
     del post
   return summary
 
 
-def _convert_pair(plan, settings, pre, masks, labels, post, spacing, features, out_path, sink) -> dict:
+def case_examples(plan: CasePlan, settings: Settings) -> list[tuple[str, dict]]:
+  """(unique key, example) for every record of a case (one phase in ``settings.phases``): the TFDS builder's unit
+  of work, also as a Beam transform."""
+  out = []
+  convert_case(plan, settings, None, sink=lambda _, example: out.append(example))
+  return [(f"{plan.name}-{int(example['slice_index']):05d}", example) for example in out]
+
+
+@dataclasses.dataclass
+class _SharedSlices:
+  """A case's non-contrast data at the output size, shared by its phases (``image_size`` square)."""
+
+  pre: np.ndarray  # int16 (S, size, size) HU
+  masks: np.ndarray  # uint8 (S, size, size)
+  labels: np.ndarray  # uint8 (S, size, size); zeros without label volumes
+
+
+def _convert_pair(plan, settings, pre, masks, shared, post, spacing, features, out_path, sink) -> dict:
   """Pairs, aligns and serializes one (non-contrast, contrast) series pair; returns the phase's case stats."""
   pre_z, post_z = pre.geometry.table_z_mm, post.geometry.table_z_mm
   if settings.align:
@@ -333,12 +358,11 @@ def _convert_pair(plan, settings, pre, masks, labels, post, spacing, features, o
       post_hu, m, cc = post.hu[j], 0.0, float("nan")
     mis.append(m)
     eccs.append(cc)
-    stack = np.stack([pre.hu[max(i - 1, 0)], pre.hu[i], pre.hu[min(i + 1, n - 1)]])
     example = {
-        "pre": resize_square(stack, size, False, -1024),
+        "pre": shared.pre[[max(i - 1, 0), i, min(i + 1, n - 1)]],
         "post": resize_square(post_hu, size, False, -1024),
-        "body_mask": resize_square(masks[i], size, True, 0),
-        "labels": resize_square(labels[i], size, True, 0) if labels is not None else np.zeros((size, size), np.uint8),
+        "body_mask": shared.masks[i],
+        "labels": shared.labels[i],
         "case_id": plan.case_id,
         "slice_index": i,
         "table_z_mm": float(pre_z[i]),
@@ -366,6 +390,24 @@ def _convert_pair(plan, settings, pre, masks, labels, post, spacing, features, o
       "ecc_score_min": round(float(np.min(eccs)), 4) if eccs else None,
       "excluded_pairs": excluded,
   }
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+  """A process pool of ``workers`` (None for one worker: everything runs in this process)."""
+  if workers <= 1:
+    yield None
+    return
+  # Not "fork": this process may already run threads (ArrayRecord's writer pool after an earlier conversion,
+  # TensorFlow's), and a forked child inherits their locks; that crashes or hangs the worker. The fork server is
+  # a clean process with this module imported once, so workers still start in milliseconds.
+  if "forkserver" in multiprocessing.get_all_start_methods():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+  else:
+    ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    yield pool
 
 
 def _run_case(plan: CasePlan, settings: Settings, cache: pathlib.Path) -> dict:
@@ -443,21 +485,19 @@ def run(settings: Settings) -> dict:
       todo.append(plan)
   if summaries:
     log.info("resuming: %d cases already converted, %d to go", len(summaries), len(todo))
-  if settings.workers > 1 and len(todo) > 1:
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with concurrent.futures.ProcessPoolExecutor(settings.workers, mp_context=ctx) as pool:
+  with _pool(settings.workers) as pool:
+    if pool is not None and len(todo) > 1:
       futures = {pool.submit(_run_case, plan, settings, cache): plan for plan in todo}
       for f in concurrent.futures.as_completed(futures):
         plan = futures[f]
         summaries[plan.name] = f.result()
         _log_case(summaries[plan.name])
-  else:
-    for plan in todo:
-      summaries[plan.name] = _run_case(plan, settings, cache)
-      _log_case(summaries[plan.name])
-
-  manifest = _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path,
-                       time.time() - t0)
+    else:
+      for plan in todo:
+        summaries[plan.name] = _run_case(plan, settings, cache)
+        _log_case(summaries[plan.name])
+    manifest = _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path,
+                         time.time() - t0, pool)
   total = sum(p["splits"][s]["examples"] for p in manifest["phases"].values() for s in p["splits"])
   if total == 0:
     raise ValueError(_nothing_converted(manifest))
@@ -474,8 +514,34 @@ def _log_case(summary: dict) -> None:
                stats["examples"], len(stats["excluded_pairs"]), stats["z_offset_mm"])
 
 
-def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path, seconds) -> dict:
-  """Writes every phase's shards and metadata from the cache, then the manifest."""
+def _shard_segments(sources: list[tuple[pathlib.Path, int]], lengths: list[int]) -> list[list[tuple]]:
+  """Cuts the concatenation of ``sources`` ((framed cache file, record count), in order) into shards of
+  ``lengths``; each shard is a list of (file, skip, take)."""
+  shards, queue = [], [(path, 0, n) for path, n in sources if n]
+  for length in lengths:
+    shard = []
+    while length:
+      path, start, n = queue[0]
+      take = min(length, n - start)
+      shard.append((path, start, take))
+      length -= take
+      queue[0] = (path, start + take, n)
+      if start + take == n:
+        queue.pop(0)
+    shards.append(shard)
+  return shards
+
+
+def _write_shard(path: pathlib.Path, segments: list[tuple], file_format: str) -> tuple[int, int]:
+  """Worker entry: one shard from segments of cached records."""
+  stream = (r for cached, skip, take in segments for r in records.read_framed(cached, skip, take))
+  return records.write_shard(path, stream, file_format)
+
+
+def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path, seconds,
+              pool=None) -> dict:
+  """Writes every phase's shards (in parallel on ``pool`` when given) and metadata from the cache, then the
+  manifest."""
   manifest = {
       "format_version": MANIFEST_VERSION,
       "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
@@ -488,6 +554,7 @@ def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_ser
       "phases": {},
   }
   ordered = sorted(cases, key=lambda c: (c.case_id, c.study_tag))
+  shard_tasks = []  # (phase, split, shard path, segments)
   for phase in settings.phases:
     phase_dir = out / phase
     phase_dir.mkdir(parents=True, exist_ok=True)
@@ -502,18 +569,18 @@ def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_ser
       per_case[plan.name] = {"case_id": plan.case_id, "folder": plan.folder, "split": plan.split,
                              **{k: v for k, v in stats.items() if k != "excluded_pairs"},
                              "excluded": len(stats["excluded_pairs"])}
-    split_lengths, split_counts = {}, {}
+    split_counts = {}
     for split in records.SPLITS:
       members = [p for p in ordered if p.name in per_case and p.split == split]
       count = sum(per_case[p.name]["examples"] for p in members)
-      stream = (r for p in members for r in records.read_framed(cache / f"{p.name}.{phase}.rec"))
-      split_lengths[split] = records.write_split(phase_dir, split, stream, count, settings.file_format,
-                                                 settings.examples_per_shard)
+      lengths = records.shard_lengths(count, settings.examples_per_shard)
+      sources = [(cache / f"{p.name}.{phase}.rec", per_case[p.name]["examples"]) for p in members]
+      for index, segments in enumerate(_shard_segments(sources, lengths)):
+        name = records.shard_name(split, settings.file_format, index, len(lengths))
+        shard_tasks.append((phase, split, phase_dir / name, segments))
       split_counts[split] = {"examples": count,
                              "cases": len({p.case_id for p in members if per_case[p.name]["examples"]}),
-                             "shards": len(split_lengths[split][0])}
-    records.write_metadata(phase_dir, settings.image_size, settings.file_format, split_lengths,
-                           description=f"vcect-jax paired non-contrast / {phase} CT slices (data_prep.convert)")
+                             "shards": len(lengths)}
     manifest["phases"][phase] = {
         "path": phase,
         "file_format": settings.file_format,
@@ -522,6 +589,17 @@ def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_ser
         "excluded_pairs": excluded,
         "skipped_cases": skipped_cases,
     }
+  args = [(path, segments, settings.file_format) for _, _, path, segments in shard_tasks]
+  written = list(pool.map(_write_shard, *zip(*args))) if pool is not None and args else [_write_shard(*a)
+                                                                                        for a in args]
+  for phase in settings.phases:
+    split_lengths = {}
+    for (p, split, _, _), (n, nbytes) in zip(shard_tasks, written):
+      if p == phase:
+        lengths, total = split_lengths.get(split, ([], 0))
+        split_lengths[split] = (lengths + [n], total + nbytes)
+    records.write_metadata(out / phase, settings.image_size, settings.file_format, split_lengths,
+                           description=f"vcect-jax paired non-contrast / {phase} CT slices (data_prep.convert)")
   tmp = out / (MANIFEST + records.TMP_SUFFIX)
   tmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
   os.replace(tmp, out / MANIFEST)

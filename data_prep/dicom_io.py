@@ -37,6 +37,8 @@ _SAFE_PLUGINS = {
     **{uid: ("gdcm", "pyjpegls") for uid in JPEG_LS},
 }
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+# Native little-endian syntaxes (implicit, explicit VR) whose pixels are read straight from the file.
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _PLUGIN_MODULE = {"gdcm": "gdcm", "pyjpegls": "jpeg_ls"}
 
 # Tolerances of the geometry checks.
@@ -76,6 +78,9 @@ class SliceHeader:
   slope: float
   intercept: float
   padding: tuple[int, int] | None  # inclusive range of stored values that are padding
+  # Where the pixels of a native little-endian monochrome file lie: (byte offset, numpy dtype, unused high bits).
+  # ``read_volume`` then reads them directly (as pydicom would decode them) instead of parsing the file again.
+  native_pixels: tuple[int, str, int] | None = None
 
 
 @dataclasses.dataclass
@@ -212,6 +217,13 @@ def read_header(path: pathlib.Path) -> SliceHeader:
       hi = int(ds.get("PixelPaddingRangeLimit", lo))
       padding = (min(lo, hi), max(lo, hi))
     number = ds.get("SeriesNumber")
+    native = None
+    if tsyntax in _NATIVE_LITTLE_ENDIAN and tell is not None and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+      allocated = int(ds.get("BitsAllocated", 0) or 0)
+      stored = int(ds.get("BitsStored", allocated) or allocated)
+      signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+      if allocated in (8, 16, 32) and 0 < stored <= allocated:
+        native = (int(tell), f"<{'i' if signed else 'u'}{allocated // 8}", allocated - stored)
     return SliceHeader(
         path=path,
         study_uid=_str(ds, "StudyInstanceUID"),
@@ -234,6 +246,7 @@ def read_header(path: pathlib.Path) -> SliceHeader:
         slope=float((_floats(ds, "RescaleSlope", 1) or (1.0,))[0]),
         intercept=float((_floats(ds, "RescaleIntercept", 1) or (0.0,))[0]),
         padding=padding,
+        native_pixels=native,
     )
   except SeriesRejected:
     raise
@@ -373,6 +386,24 @@ def decoder_problem(transfer_syntax: str) -> str | None:
           "(pylibjpeg-libjpeg is GPL and is not used)")
 
 
+def read_native(path: pathlib.Path, native: tuple[int, str, int], shape: tuple[int, int]) -> np.ndarray:
+  """Stored values of native little-endian pixel data, read from its byte offset; identical to pydicom's
+  ``pixel_array``, which also clears (unsigned) or sign-extends (signed) the unused high bits.
+
+  Raises:
+    ValueError: the file holds fewer pixels than ``shape`` needs.
+  """
+  offset, dtype, unused_bits = native
+  count = shape[0] * shape[1]
+  pixels = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+  if pixels.size != count:
+    raise ValueError("pixel data shorter than declared")
+  if unused_bits:
+    np.left_shift(pixels, unused_bits, out=pixels)
+    np.right_shift(pixels, unused_bits, out=pixels)
+  return pixels.reshape(shape)
+
+
 def decode_stored(path: pathlib.Path, transfer_syntax: str) -> np.ndarray:
   """Stored pixel values of one file, as pydicom decodes them (no rescale)."""
   ds = pydicom.dcmread(path)
@@ -409,7 +440,10 @@ def read_volume(geometry: Geometry, padding_hu: int = -1024) -> Volume:
   padding = None
   for i, s in enumerate(geometry.slices):
     try:
-      stored = decode_stored(s.path, s.transfer_syntax)
+      if s.native_pixels is not None:
+        stored = read_native(s.path, s.native_pixels, (h, w))
+      else:
+        stored = decode_stored(s.path, s.transfer_syntax)
     except Exception as e:  # pylint: disable=broad-except  # corrupt pixel data is a data problem
       raise SeriesRejected(f"slice {i} could not be decoded ({type(e).__name__})") from None
     if stored.shape != (h, w):

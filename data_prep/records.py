@@ -67,11 +67,19 @@ def write_framed(path: pathlib.Path, items: Iterable[bytes]) -> None:
   os.replace(tmp, path)
 
 
-def read_framed(path: pathlib.Path) -> Iterator[bytes]:
+def read_framed(path: pathlib.Path, skip: int = 0, take: int | None = None) -> Iterator[bytes]:
+  """The byte strings of a framed file, from the ``skip``-th on (``take`` of them; all when None)."""
   with open(path, "rb") as f:
-    while head := f.read(8):
+    for _ in range(skip):
+      head = f.read(8)
+      if len(head) < 8:
+        return
+      f.seek(struct.unpack("<Q", head)[0], os.SEEK_CUR)
+    n_read = 0
+    while (take is None or n_read < take) and (head := f.read(8)):
       (n,) = struct.unpack("<Q", head)
       yield f.read(n)
+      n_read += 1
 
 
 # ------------------------------------------------------------------ shards
@@ -112,32 +120,31 @@ def remove_shards(phase_dir: pathlib.Path) -> None:
       p.unlink()
 
 
-def write_split(phase_dir: pathlib.Path, split: str, records: Iterable[bytes], count: int, file_format: str,
-                examples_per_shard: int = 1000) -> tuple[list[int], int]:
-  """Writes ``count`` serialized records of one split into shards.
+def shard_lengths(count: int, examples_per_shard: int) -> list[int]:
+  """How ``count`` records of a split are spread over shards; an empty split still gets one (empty) shard, so
+  that TFDS lists it."""
+  num_shards = max(1, -(-count // examples_per_shard))
+  return [count // num_shards + (1 if i < count % num_shards else 0) for i in range(num_shards)]
+
+
+def write_shard(path: pathlib.Path, records: Iterable[bytes], file_format: str) -> tuple[int, int]:
+  """Writes one shard under a temporary name and renames it when complete.
 
   Returns:
-    (shard_lengths, num_bytes).
+    (records written, bytes written before compression).
   """
   if file_format not in FILE_FORMATS:
     raise ValueError(f"file_format must be one of {FILE_FORMATS}, not {file_format!r}")
-  writer_cls = _ArrayRecordWriter if file_format == "array_record" else _TFRecordWriter
-  # An empty split still gets one (empty) shard, so that TFDS lists the split.
-  num_shards = max(1, -(-count // examples_per_shard))
-  lengths = [count // num_shards + (1 if i < count % num_shards else 0) for i in range(num_shards)]
-  it = iter(records)
-  num_bytes = 0
-  for index, length in enumerate(lengths):
-    final = phase_dir / shard_name(split, file_format, index, num_shards)
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    writer = writer_cls(str(tmp))
-    for _ in range(length):
-      record = next(it)
-      num_bytes += len(record)
-      writer.write(record)
-    writer.close()
-    os.replace(tmp, final)
-  return lengths, num_bytes
+  tmp = path.with_name(path.name + TMP_SUFFIX)
+  writer = (_ArrayRecordWriter if file_format == "array_record" else _TFRecordWriter)(str(tmp))
+  count = num_bytes = 0
+  for record in records:
+    writer.write(record)
+    count += 1
+    num_bytes += len(record)
+  writer.close()
+  os.replace(tmp, path)
+  return count, num_bytes
 
 
 def write_metadata(phase_dir: pathlib.Path, image_size: int, file_format: str,

@@ -6,7 +6,6 @@ The input comes from `data_prep.phantom.generate` when the phantom exposes it, e
 
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -194,12 +193,28 @@ def test_killed_run_resumes_to_the_same_dataset(dataset, tmp_path, monkeypatch):
   for phase in PHASES:
     names = sorted(p.name for p in (out / phase).iterdir())
     assert names == sorted(p.name for p in (dataset["out"] / phase).iterdir())
-    got, want = _all_records(out / phase), _all_records(dataset["out"] / phase)
-    assert len(got) == len(want)
-    for (s1, a), (s2, b) in zip(got, want):
-      assert s1 == s2
-      for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_records(out / phase, dataset["out"] / phase)
+
+
+def _assert_same_records(got_dir, want_dir):
+  got, want = _all_records(got_dir), _all_records(want_dir)
+  assert len(got) == len(want)
+  for (s1, a), (s2, b) in zip(got, want):
+    assert s1 == s2
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_small_shards_written_in_parallel_hold_the_same_records(dataset, tmp_path):
+  # Shards cut across cases and written by two worker processes: same records, same order, several shards.
+  out = tmp_path / "out"
+  key = dataset["base"] / "out.hmac_key"
+  assert _convert(dataset["in"], out, "--workers=2", "--examples_per_shard=5", key=key) == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  for phase in PHASES:
+    splits = manifest["phases"][phase]["splits"]
+    assert splits["train"]["shards"] == -(-splits["train"]["examples"] // 5) > 1
+    _assert_same_records(out / phase, dataset["out"] / phase)
 
 
 def test_tfrecord_output_reads_back(dataset, tmp_path):

@@ -72,6 +72,25 @@ def test_hu_and_padding_on_real_ct_file(tmp_path):
   assert vol.hu[0, 0, 0] == -1024
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("signed", [0, 1])
+def test_direct_pixel_read_matches_pydicom(tmp_path, implicit, signed):
+  # 12 of 16 bits stored, with random garbage in the unused high bits: pydicom clears (unsigned) or sign-extends
+  # (signed) them, and so must the direct read that read_volume uses for native little-endian files.
+  ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+  ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+  ds.PixelData = np.random.default_rng(signed).integers(0, 65536, (ds.Rows, ds.Columns)).astype("<u2").tobytes()
+  ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+  path = tmp_path / "x.dcm"
+  ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+  header = dicom_io.read_header(path)
+  assert header.native_pixels is not None
+  direct = dicom_io.read_native(path, header.native_pixels, (header.rows, header.columns))
+  expected = pydicom.dcmread(path).pixel_array
+  assert direct.dtype == expected.dtype
+  np.testing.assert_array_equal(direct, expected)
+
+
 def test_non_dicom_and_broken_files_are_skipped(tmp_path):
   (tmp_path / "notes.txt").write_text("not dicom")
   data = pathlib.Path(get_testdata_file("CT_small.dcm")).read_bytes()

@@ -221,7 +221,7 @@ def test_labels_overlay_their_images(medium_case):
 
 
 def test_motion_statistics_follow_the_spec():
-  large, shifts = 0, []
+  large = 0
   for seed in range(100):
     motions = motion_lib.sample_motion(np.random.default_rng([seed, 0, 1]))
     flagged = [m for m in motions.values() if m.large_misalignment]

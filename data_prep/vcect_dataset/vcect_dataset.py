@@ -15,6 +15,7 @@ Unlike `python -m data_prep.convert`, TFDS decides the shard layout and writes n
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 
@@ -84,18 +85,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     try:
       import apache_beam as beam  # pylint: disable=import-outside-toplevel
     except ImportError:
-      return _examples_of_cases(cases, settings)
+      return (item for plan in cases for item in convert.case_examples(plan, settings))
+    # A function of an importable module (not of this file, which `tfds build` loads by path as a top-level
+    # module that Beam workers cannot import).
     return beam.Create(cases) | f"convert_{settings.phases[0]}" >> beam.FlatMap(
-        lambda plan: list(_examples_of_case(plan, settings)))
-
-
-def _examples_of_case(plan: convert.CasePlan, settings: convert.Settings):
-  out = []
-  convert.convert_case(plan, settings, None, sink=lambda _, example: out.append(example))
-  for example in out:
-    yield f"{plan.name}-{int(example['slice_index']):05d}", example
-
-
-def _examples_of_cases(cases, settings):
-  for plan in cases:
-    yield from _examples_of_case(plan, settings)
+        functools.partial(convert.case_examples, settings=settings))
