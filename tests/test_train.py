@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -147,32 +148,76 @@ def test_exact_resume_is_bit_identical(smoke, tmp_path):
 _FIRST_STEP = """
 import json, sys
 from tests.conftest import smoke_config
-from vcect_jax import train
+from vcect_jax import runtime, train
 config = smoke_config()
 config.data.dir, config.perceptual.pretext_checkpoint = sys.argv[1], sys.argv[2]
 config.train.batch_size, config.train.steps, config.train.log_every = 4, 1, 1
 config.train.eval_every = config.train.image_every = config.train.checkpoint_every = 100
+if len(sys.argv) > 4:  # coordinator address, process count, process id: a multi-process (multi-host) run
+  config.distributed.enabled = True
+  config.distributed.coordinator_address = sys.argv[4]
+  config.distributed.num_processes, config.distributed.process_id = int(sys.argv[5]), int(sys.argv[6])
+runtime.initialize(config)
 import jax
 result = train.train_and_evaluate(config, sys.argv[3])
-print("RESULT" + json.dumps({"devices": jax.device_count(), "train": result["train"]}))
+print("RESULT" + json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
+                             "train": result["train"], "eval": result["eval"]}))
 """
 
 
-def _first_step(devices, smoke_workdir, workdir):
+def _first_step_processes(devices, smoke_workdir, workdir, processes=1):
+  """Step 1 of a smoke run with `devices` CPU devices per process, in `processes` processes; their results."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _FIRST_STEP, smoke_workdir["data_dir"], smoke_workdir["pretext"],
-                        workdir], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  args = [sys.executable, "-c", _FIRST_STEP, smoke_workdir["data_dir"], smoke_workdir["pretext"], workdir]
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    runs = [args + [f"localhost:{port}", str(processes), str(i)] for i in range(processes)]
+  else:
+    runs = [args]
+  procs = [subprocess.Popen(r, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for r in runs]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT")][-1]
+    results.append(json.loads(line[len("RESULT"):]))
+  return results
 
 
-def test_four_devices_match_one_device(smoke_workdir, tmp_path):
-  one = _first_step(1, smoke_workdir, str(tmp_path / "one"))
-  four = _first_step(4, smoke_workdir, str(tmp_path / "four"))
+@pytest.fixture(scope="module")
+def one_device_first_step(smoke_workdir, tmp_path_factory):
+  return _first_step_processes(1, smoke_workdir, str(tmp_path_factory.mktemp("one_device")))[0]
+
+
+_COMPARED = ("g_loss", "d_loss", "g_adv_global", "g_perc_local", "g_pixel_global")
+
+
+def test_four_devices_match_one_device(one_device_first_step, smoke_workdir, tmp_path):
+  one = one_device_first_step
+  (four,) = _first_step_processes(4, smoke_workdir, str(tmp_path / "four"))
   assert (one["devices"], four["devices"]) == (1, 4)
-  for key in ("g_loss", "d_loss", "g_adv_global", "g_perc_local", "g_pixel_global"):
+  for key in _COMPARED:
     np.testing.assert_allclose(four["train"][key], one["train"][key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_two_processes_match_one_device(one_device_first_step, smoke_workdir, tmp_path):
+  """A multi-host run on one machine: 2 processes x 2 CPU devices joined by jax.distributed (gloo collectives).
+
+  Each process reads its half of every batch; losses at step 1 and the validation metrics (which cover both
+  processes' examples) equal the single-device run's.
+  """
+  one = one_device_first_step
+  results = _first_step_processes(2, smoke_workdir, str(tmp_path / "two_hosts"), processes=2)
+  assert [(r["devices"], r["processes"]) for r in results] == [(4, 2), (4, 2)]
+  for r in results:
+    for key in _COMPARED:
+      np.testing.assert_allclose(r["train"][key], one["train"][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert r["eval"].keys() == one["eval"].keys() and one["eval"]
+    for key in one["eval"]:
+      np.testing.assert_allclose(r["eval"][key], one["eval"][key], rtol=1e-3, atol=1e-4, err_msg=key)
 
 
 def test_non_finite_loss_stops_naming_step_and_term(smoke, tmp_path):
@@ -209,3 +254,37 @@ def test_wrong_data_path_and_missing_pretext_checkpoint(smoke, tmp_path):
   smoke.perceptual.pretext_checkpoint = missing
   with pytest.raises(FileNotFoundError, match="pretext_checkpoint"):
     train.train_and_evaluate(smoke, str(tmp_path / "b"))
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues_there(smoke, tmp_path, monkeypatch):
+  """Preemption: SIGTERM during step 3 -> a checkpoint of step 3, a clean return; the rerun goes on from step 3."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from vcect_jax import summaries  # pylint: disable=import-outside-toplevel
+
+  smoke.train.steps = 50
+  smoke.train.checkpoint_every = smoke.train.eval_every = smoke.train.image_every = 100
+  smoke.train.async_checkpoints = False
+  tick = summaries.Writer.tick
+
+  def tick_then_preempt(self, step):
+    tick(self, step)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(summaries.Writer, "tick", tick_then_preempt)
+  before = signal.getsignal(signal.SIGTERM)
+  workdir = str(tmp_path / "preempted")
+  stopped = train.train_and_evaluate(smoke, workdir)
+  assert stopped["step"] == 3
+  assert signal.getsignal(signal.SIGTERM) == before, "the SIGTERM handler must be given back"
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+  assert steps == [3]
+  monkeypatch.setattr(summaries.Writer, "tick", tick)
+  smoke.train.steps = 5
+  resumed = train.train_and_evaluate(smoke, workdir)
+  assert resumed["step"] == 5
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+  assert steps == [3, 5]
+  # The resumed run trained (its parameters differ from the step-3 ones) rather than starting over or stopping.
+  assert any(not np.array_equal(x, y) for x, y in zip(_generator_param_leaves(stopped["state"]),
+                                                       _generator_param_leaves(resumed["state"])))

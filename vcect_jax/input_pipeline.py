@@ -1,4 +1,4 @@
-"""grain pipelines over the converter's records: shard per process, shuffle, window, batch.
+"""grain pipelines over the converter's records: shuffle, window, batch, each process's share of a batch.
 
 Records hold HU (`pre` int16 (3, H, W), `post` int16 (H, W)); the window is applied here, at training time, via
 `vcect_jax.hu`, so that it stays a configuration choice. Batches are channels-last float32 in model space:
@@ -11,7 +11,8 @@ Records hold HU (`pre` int16 (3, H, W), `post` int16 (H, W)); the window is appl
 
 Training order is a pure function of (seed, step): the dataset is a random-access `MapDataset`, shuffled with a
 new permutation each epoch, so the iterator's state is an index that goes into the checkpoint and a resumed run
-sees exactly the batches it would have seen.
+sees exactly the batches it would have seen. With several processes (multi-host), each reads only its share of
+every global batch, and the global batches are the same as those of a single-process run.
 """
 
 from __future__ import annotations
@@ -78,30 +79,45 @@ def augment(example: dict, rng: np.random.Generator, flip_lr: bool, max_shift_px
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def _this_process_share(ds: grain.MapDataset, local_batch: int) -> grain.MapDataset:
+  """Batches of `local_batch`, of which this process keeps its share of every global batch.
+
+  Global batch k is local batches k*P .. k*P+P-1 (P processes) of the one global sequence, and process p keeps
+  local batch k*P+p. Each process reads only its own examples, and the global batches (hence the training run)
+  are the same whatever the number of processes.
+  """
+  return ds.batch(local_batch, drop_remainder=True)[jax.process_index()::jax.process_count()]
+
+
 def train_dataset(source, config, local_batch: int) -> grain.MapDataset:
-  """Endless training batches of this process: per-process shard, per-epoch shuffle, window, batch."""
+  """Endless training batches of this process: per-epoch shuffle, window, batch, this process's share."""
   window = hu.Window.from_config(config.data.window)
   ds = grain.MapDataset.source(source)
-  ds = ds[jax.process_index()::jax.process_count()]
-  if len(ds) < local_batch:
-    raise ValueError(f"{len(ds)} training examples on this process, fewer than one batch of {local_batch}")
+  global_batch = local_batch * jax.process_count()
+  if len(ds) < global_batch:
+    raise ValueError(f"{len(ds)} training examples, fewer than one batch of {global_batch}")
   ds = ds.seed(config.seed).shuffle().repeat()
   ds = ds.map(lambda ex: to_model_space(ex, window))
   aug = config.input.augment
   if aug.enabled:
     ds = ds.random_map(lambda ex, rng: augment(ex, rng, aug.flip_lr, aug.max_shift_px))
-  return ds.batch(local_batch, drop_remainder=True)
+  return _this_process_share(ds, local_batch)
 
 
 def eval_dataset(source, config, local_batch: int, max_examples: int = 0) -> grain.MapDataset:
-  """A fixed, unshuffled pass over (the first `max_examples` of) a split, HU kept for the metrics."""
+  """A fixed, unshuffled pass over (the first `max_examples` of) a split, HU kept for the metrics.
+
+  Only whole global batches are used (a remainder is left out), so every process runs the same number of
+  collective evaluation steps.
+  """
   window = hu.Window.from_config(config.data.window)
   ds = grain.MapDataset.source(source)
   if max_examples:
     ds = ds[:max_examples]
-  ds = ds[jax.process_index()::jax.process_count()]
+  per_round = local_batch * jax.process_count()
+  ds = ds[:len(ds) // per_round * per_round]
   ds = ds.map(lambda ex: to_model_space(ex, window, with_hu=True))
-  return ds.batch(local_batch, drop_remainder=True)
+  return _this_process_share(ds, local_batch)
 
 
 def make_iterator(ds: grain.MapDataset, worker_count: int = 0):

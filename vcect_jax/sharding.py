@@ -61,6 +61,20 @@ def check_batch_size(global_batch: int, mesh) -> int:
   return global_batch // jax.process_count()
 
 
+def replicate(tree, mesh):
+  """Host-local values, identical on every process (same seed, same checkpoint), as arrays replicated over the
+  mesh. Unlike `jax.device_put`, this needs no cross-host transfer: each process fills its own devices."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Assembles this process's slice of the batch into one globally sharded array per feature."""
   sharding = batch_sharding(mesh)

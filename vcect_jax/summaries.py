@@ -14,9 +14,11 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from vcect_jax import hu
 from vcect_jax import input_pipeline
+from vcect_jax import sharding
 
 IMAGE_EXAMPLES = 2
 
@@ -58,11 +60,20 @@ class Writer:
 
 
 def write_images(writer: Writer, eval_step, state, encoder_state, source, config, step: int,
-                 window: hu.Window) -> None:
-  """Grids of the first validation slices, and their perceptual heatmaps when an encoder is in use."""
-  n = min(IMAGE_EXAMPLES, len(source))
-  batch = next(iter(input_pipeline.eval_dataset(source, config, n, n)))
-  out = jax.device_get(eval_step(state, encoder_state, batch))
+                 window: hu.Window, mesh) -> None:
+  """Grids of the first validation slices, and their perceptual heatmaps when an encoder is in use.
+
+  Every process runs this (the step is a collective over all devices); the slices are gathered everywhere and
+  only process 0's writer writes them.
+  """
+  devices = mesh.devices.size
+  n = min(-(-IMAGE_EXAMPLES // devices) * devices, len(source) // devices * devices)
+  if not n:
+    return
+  local = next(iter(input_pipeline.eval_dataset(source, config, n // jax.process_count(), n)))
+  global_batch = sharding.global_batch(local, mesh)
+  out = eval_step(state, encoder_state, global_batch)
+  batch, out = multihost_utils.process_allgather((global_batch, out), tiled=True)
   pre = hu.model_to_unit(batch["pre"][..., 1])
   virtual = np.clip(hu.model_to_unit(out["virtual"][..., 0]), 0, 1)
   real = hu.model_to_unit(batch["post"][..., 0])

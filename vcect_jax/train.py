@@ -290,9 +290,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- shardings: parameters replicated, batch split over 'data'
   replicated = sharding.replicated(mesh)
-  state = jax.device_put(state, replicated)
+  state = sharding.replicate(state, mesh)
   if encoder_state is not None:
-    encoder_state = jax.device_put(encoder_state, replicated)
+    encoder_state = sharding.replicate(encoder_state, mesh)
   train_step = jax.jit(make_train_step(config, graphdef, encoder_graphdef),
                        in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
                        out_shardings=(replicated, replicated), donate_argnums=0)
@@ -331,9 +331,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                         "lr_discriminator": d_lr(step - 1)})
           pending = []
         if step % config.train.image_every == 0 or last:
-          summaries.write_images(writer, eval_step, state, encoder_state, val_source, config, step, window)
+          summaries.write_images(writer, eval_step, state, encoder_state, val_source, config, step, window, mesh)
         if step % config.train.eval_every == 0 or last:
-          last_eval = evaluate(eval_step, state, encoder_state, val_source, config)
+          last_eval = evaluate(eval_step, state, encoder_state, val_source, config, mesh)
           writer.scalars(step, {f"eval_{k}": v for k, v in last_eval.items()})
           logging.info("step %d validation: %s", step, _fmt(last_eval))
         if step % config.train.checkpoint_every == 0 or last or preempted.is_set():
@@ -348,16 +348,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return {"step": step, "train": last_train, "eval": last_eval, "state": jax.device_get(state)}
 
 
-def evaluate(eval_step, state, encoder_state, source, config) -> dict[str, float]:
-  """Mean PSNR, SSIM and MAE (HU) of the global path over the first `train.eval_examples` validation pairs."""
-  batch_size = min(config.train.eval_batch_size, len(source))
-  ds = input_pipeline.eval_dataset(source, config, batch_size, config.train.eval_examples)
+METRIC_KEYS = ("psnr", "ssim", "mae_hu", "identity_mae_hu")
+
+
+@jax.jit
+def _metric_sums(out: dict) -> dict:
+  return {k: jnp.sum(out[k]) for k in METRIC_KEYS}
+
+
+def _eval_batch_size(available: int, mesh, wanted: int) -> int:
+  """`wanted` rounded to a multiple of the mesh's devices (at least one per device), at most `available`."""
+  devices = mesh.devices.size
+  return min(max(wanted // devices, 1) * devices, available // devices * devices)
+
+
+def evaluate(eval_step, state, encoder_state, source, config, mesh) -> dict[str, float]:
+  """Mean PSNR, SSIM and MAE (HU) of the global path over the first `train.eval_examples` validation pairs.
+
+  Every process feeds its share of each global batch; the sums are taken on the devices, so the means cover all
+  processes' examples. Empty when the validation split has fewer examples than devices.
+  """
+  available = min(len(source), config.train.eval_examples or len(source))
+  batch_size = _eval_batch_size(available, mesh, config.train.eval_batch_size)
+  if not batch_size:
+    logging.warning("validation skipped: %d validation examples, fewer than the %d devices", available,
+                    mesh.devices.size)
+    return {}
+  ds = input_pipeline.eval_dataset(source, config, batch_size // jax.process_count(), config.train.eval_examples)
   sums, count = {}, 0
   for batch in ds:
-    out = eval_step(state, None, batch)
-    for k in ("psnr", "ssim", "mae_hu", "identity_mae_hu"):
-      sums[k] = sums.get(k, 0.0) + float(jnp.sum(out[k]))
-    count += out["psnr"].shape[0]
+    out = eval_step(state, None, sharding.global_batch(batch, mesh))
+    for k, v in jax.device_get(_metric_sums(out)).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    count += batch_size
   return {k: v / max(count, 1) for k, v in sums.items()}
 
 
