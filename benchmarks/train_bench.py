@@ -45,16 +45,13 @@ def main():
   encoder.eval()
   enc_def, enc_state = nnx.split(encoder)
   graphdef, state = nnx.split(objects)
-  rep = sharding.replicated(mesh)
-  step = jax.jit(train.make_train_step(config, graphdef, enc_def),
-                 in_shardings=(rep, rep, sharding.batch_sharding(mesh)), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  step = train.jit_train_step(config, graphdef, enc_def, mesh)
   rng = np.random.default_rng(0)
   batch_np = {"pre": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
               "post": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32)}
   batch_arr = sharding.global_batch(batch_np, mesh)
-  state = jax.device_put(state, rep)
-  enc_state = jax.device_put(enc_state, rep)
+  state = sharding.replicate(state, mesh)
+  enc_state = sharding.replicate(enc_state, mesh)
 
   t0 = time.perf_counter()
   state, m = step(state, enc_state, batch_arr)

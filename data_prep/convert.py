@@ -589,16 +589,15 @@ def _assemble(settings, out, cache, cases, summaries, skipped_files, skipped_ser
         "excluded_pairs": excluded,
         "skipped_cases": skipped_cases,
     }
-  args = [(path, segments, settings.file_format) for _, _, path, segments in shard_tasks]
-  written = list(pool.map(_write_shard, *zip(*args))) if pool is not None and args else [_write_shard(*a)
-                                                                                        for a in args]
+  run_all = map if pool is None else pool.map
+  written = run_all(_write_shard, [t[2] for t in shard_tasks], [t[3] for t in shard_tasks],
+                    [settings.file_format] * len(shard_tasks))
+  split_lengths = {phase: {} for phase in settings.phases}  # phase -> split -> (shard lengths, bytes)
+  for (phase, split, _, _), (n, nbytes) in zip(shard_tasks, written):
+    lengths, total = split_lengths[phase].get(split, ([], 0))
+    split_lengths[phase][split] = (lengths + [n], total + nbytes)
   for phase in settings.phases:
-    split_lengths = {}
-    for (p, split, _, _), (n, nbytes) in zip(shard_tasks, written):
-      if p == phase:
-        lengths, total = split_lengths.get(split, ([], 0))
-        split_lengths[split] = (lengths + [n], total + nbytes)
-    records.write_metadata(out / phase, settings.image_size, settings.file_format, split_lengths,
+    records.write_metadata(out / phase, settings.image_size, settings.file_format, split_lengths[phase],
                            description=f"vcect-jax paired non-contrast / {phase} CT slices (data_prep.convert)")
   tmp = out / (MANIFEST + records.TMP_SUFFIX)
   tmp.write_text(json.dumps(manifest, indent=1, default=_json_default))

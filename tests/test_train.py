@@ -14,6 +14,7 @@ from flax import nnx
 
 from tests.conftest import smoke_config
 from vcect_jax import models
+from vcect_jax import sharding
 from vcect_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def _one_step(config):
   enc_def, enc_state = nnx.split(encoder)
   graphdef, state = nnx.split(objects)
   before = jax.tree.map(np.array, state)
-  step = jax.jit(train.make_train_step(config, graphdef, enc_def))
+  step = train.jit_train_step(config, graphdef, enc_def, sharding.make_mesh())
   after, metrics = step(state, enc_state, _random_batch(config))
   return before, jax.device_get(after), jax.device_get(metrics)
 

@@ -61,18 +61,18 @@ def check_batch_size(global_batch: int, mesh) -> int:
   return global_batch // jax.process_count()
 
 
+def fitting_batch_size(mesh, wanted: int, available: int) -> int:
+  """`wanted` rounded down to a multiple of the mesh's devices (at least one example per device), at most
+  `available` (also rounded down); 0 when there are fewer examples than devices."""
+  devices = mesh.devices.size
+  return min(max(wanted // devices, 1) * devices, available // devices * devices)
+
+
 def replicate(tree, mesh):
   """Host-local values, identical on every process (same seed, same checkpoint), as arrays replicated over the
   mesh. Unlike `jax.device_put`, this needs no cross-host transfer: each process fills its own devices."""
   sharding = replicated(mesh)
-
-  def put(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      impl = jax.random.key_impl(x)
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-  return jax.tree.map(put, tree)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

@@ -66,8 +66,7 @@ def write_images(writer: Writer, eval_step, state, encoder_state, source, config
   Every process runs this (the step is a collective over all devices); the slices are gathered everywhere and
   only process 0's writer writes them.
   """
-  devices = mesh.devices.size
-  n = min(-(-IMAGE_EXAMPLES // devices) * devices, len(source) // devices * devices)
+  n = sharding.fitting_batch_size(mesh, IMAGE_EXAMPLES, len(source))
   if not n:
     return
   local = next(iter(input_pipeline.eval_dataset(source, config, n // jax.process_count(), n)))

@@ -163,6 +163,14 @@ def make_train_step(config, graphdef, encoder_graphdef):
   return step
 
 
+def jit_train_step(config, graphdef, encoder_graphdef, mesh):
+  """The jitted train step over `mesh`: state and encoder replicated, batch split over 'data', state donated."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(make_train_step(config, graphdef, encoder_graphdef),
+                 in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
 def make_eval_step(config, graphdef, encoder_graphdef):
   """`(state, encoder_state, batch) -> per-image metrics and images`, global path, running statistics."""
   window = hu.Window.from_config(config.data.window)
@@ -289,13 +297,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     encoder_graphdef, encoder_state = None, None
 
   # ---- shardings: parameters replicated, batch split over 'data'
-  replicated = sharding.replicated(mesh)
   state = sharding.replicate(state, mesh)
   if encoder_state is not None:
     encoder_state = sharding.replicate(encoder_state, mesh)
-  train_step = jax.jit(make_train_step(config, graphdef, encoder_graphdef),
-                       in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
+  train_step = jit_train_step(config, graphdef, encoder_graphdef, mesh)
   eval_step = jax.jit(make_eval_step(config, graphdef, encoder_graphdef))
 
   # ---- checkpoint restore
@@ -356,12 +361,6 @@ def _metric_sums(out: dict) -> dict:
   return {k: jnp.sum(out[k]) for k in METRIC_KEYS}
 
 
-def _eval_batch_size(available: int, mesh, wanted: int) -> int:
-  """`wanted` rounded to a multiple of the mesh's devices (at least one per device), at most `available`."""
-  devices = mesh.devices.size
-  return min(max(wanted // devices, 1) * devices, available // devices * devices)
-
-
 def evaluate(eval_step, state, encoder_state, source, config, mesh) -> dict[str, float]:
   """Mean PSNR, SSIM and MAE (HU) of the global path over the first `train.eval_examples` validation pairs.
 
@@ -369,7 +368,7 @@ def evaluate(eval_step, state, encoder_state, source, config, mesh) -> dict[str,
   processes' examples. Empty when the validation split has fewer examples than devices.
   """
   available = min(len(source), config.train.eval_examples or len(source))
-  batch_size = _eval_batch_size(available, mesh, config.train.eval_batch_size)
+  batch_size = sharding.fitting_batch_size(mesh, config.train.eval_batch_size, available)
   if not batch_size:
     logging.warning("validation skipped: %d validation examples, fewer than the %d devices", available,
                     mesh.devices.size)
