@@ -22,8 +22,10 @@ import dataclasses
 import cv2
 import numpy as np
 
-# ECC works on windowed images (soft-tissue window, W400/L30 as in the paper).
-ECC_WINDOW_HU = (-170.0, 230.0)
+from vcect_jax import hu as hu_lib
+
+# ECC works on windowed images: the training window (W400/L30 as in the paper), from its one definition.
+ECC_WINDOW_HU = (hu_lib.Window().low, hu_lib.Window().high)
 # Through-plane profiles: clip out contrast enhancement (vessels, kidneys, urine) so that it does not dominate.
 PROFILE_CLIP_HU = (-1000.0, 200.0)
 PROFILE_SIZE = 64

@@ -20,7 +20,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pydicom
@@ -457,8 +457,3 @@ def read_volume(geometry: Geometry, padding_hu: int = -1024) -> Volume:
         padding[i] = mask
         hu[i][mask] = padding_hu
   return Volume(geometry, hu, padding)
-
-
-def relative(paths: Iterable[pathlib.Path], root: pathlib.Path) -> list[str]:
-  """Paths relative to ``root`` (for reports)."""
-  return [_rel(p, root) for p in paths]

@@ -79,9 +79,3 @@ class PhaseRules:
         if text and pattern.search(text):
           return phase
     return None
-
-  def describe(self) -> list[list[str]] | str:
-    """The rules as recorded in the manifest."""
-    if self.by_series_uid is not None:
-      return f"series CSV with {len(self.by_series_uid)} rows"
-    return [[phase, pattern.pattern] for phase, pattern in self.rules]

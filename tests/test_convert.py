@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 from data_prep import convert
 from data_prep import dicom_io
 from data_prep import records
+from data_prep.convert import job as convert_job
 from tests import convert_fixtures as cf
 
 SIZE = 96
@@ -169,7 +170,7 @@ def test_no_identifier_in_any_output_byte(dataset):
 def test_killed_run_resumes_to_the_same_dataset(dataset, tmp_path, monkeypatch):
   key = dataset["base"] / "out.hmac_key"
   out = tmp_path / "out"
-  real = convert._run_case  # pylint: disable=protected-access
+  real = convert_job.run_case
   calls = []
 
   def dying(plan, settings, cache):
@@ -178,10 +179,10 @@ def test_killed_run_resumes_to_the_same_dataset(dataset, tmp_path, monkeypatch):
     calls.append(plan)
     return real(plan, settings, cache)
 
-  monkeypatch.setattr(convert, "_run_case", dying)
+  monkeypatch.setattr(convert_job, "run_case", dying)
   with pytest.raises(KeyboardInterrupt):
     _convert(dataset["in"], out, key=key)
-  monkeypatch.setattr(convert, "_run_case", real)
+  monkeypatch.setattr(convert_job, "run_case", real)
   # Debris a kill can leave: a temporary cache file, a temporary shard, a stale shard with a final name.
   cache = next((out / convert.CACHE_DIR).iterdir())
   (cache / ("x.json" + records.TMP_SUFFIX)).write_text("{")

@@ -1,0 +1,124 @@
+"""The data step of a training run: the records it reads, made when the config names none.
+
+`ensure_dataset(config, workdir)` returns `config.data.dir` when it is set (after checking that it exists and that
+its records have `config.data.image_size` pixels), else the embedded default: the synthetic phantom
+(`config.data.phantom`) generated as DICOM studies and converted to records under `<workdir>/data`, once; later
+runs in the same work directory reuse it while the phantom settings and the image size are unchanged.
+
+Layout of `<workdir>/data`: `dicom/` (the phantom studies and `preview.png`), `converted/` (the records and
+`manifest.json`, what `data.dir` would name), `phantom.hmac_key` (fixed by the phantom seed, so that case ids and
+splits are reproducible) and `settings.json` (the settings the dataset was made with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+from data_prep import phases
+
+log = logging.getLogger("data_prep.prepare")
+
+DATA_SUBDIR = "data"
+MANIFEST = "manifest.json"
+
+
+def phantom_settings(config) -> dict:
+  """The settings that decide the embedded dataset, as they read back from JSON (tuples become lists)."""
+  settings = {"phantom": config.data.phantom.to_dict(), "image_size": int(config.data.image_size)}
+  return json.loads(json.dumps(settings))
+
+
+def dataset_image_size(data_dir: str, phase: str) -> int | None:
+  """The side in pixels of the records of `phase` under `data_dir` (a conversion's output), None if unknown.
+
+  Read from the phase's TFDS `features.json` (what the records hold), else from the manifest's settings.
+  """
+  features = os.path.join(data_dir, phase, "features.json")
+  if os.path.isfile(features):
+    with open(features) as f:
+      dims = json.load(f)["featuresDict"]["features"]["post"]["tensor"]["shape"]["dimensions"]
+    return int(dims[-1])
+  manifest = os.path.join(data_dir, MANIFEST)
+  if os.path.isfile(manifest):
+    with open(manifest) as f:
+      size = json.load(f).get("settings", {}).get("image_size")
+    return None if size is None else int(size)
+  return None
+
+
+def check_dataset(config) -> str:
+  """`config.data.dir`, if it exists and its records have `config.data.image_size` pixels.
+
+  Raises:
+    FileNotFoundError: the folder does not exist.
+    ValueError: the records have another image size (the message names both and the flag to change).
+  """
+  data_dir = config.data.dir
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"config.data.dir={data_dir!r} does not exist: give the --output folder of "
+                            "`python -m data_prep.convert`, or leave it empty for the embedded phantom")
+  size, wanted = dataset_image_size(data_dir, config.phase), int(config.data.image_size)
+  if size is not None and size != wanted:
+    raise ValueError(f"config.data.dir={data_dir!r} holds {size} px records but config.data.image_size={wanted}: "
+                     f"set --config.data.image_size={size}, or convert the data again with "
+                     f"`python -m data_prep.convert --image_size={wanted}`")
+  return data_dir
+
+
+def ensure_dataset(config, workdir: str) -> str:
+  """`config.data.dir` if set (checked), else the converted phantom dataset under `<workdir>/data` (made once).
+
+  Raises:
+    FileNotFoundError, ValueError: a given `data.dir` that is missing or has another image size; a phantom whose
+      records of `config.phase` leave the training or validation split empty.
+  """
+  if config.data.dir:
+    return check_dataset(config)
+  root = os.path.join(workdir, DATA_SUBDIR)
+  converted = os.path.join(root, "converted")
+  stamp = os.path.join(root, "settings.json")
+  settings = phantom_settings(config)
+  if os.path.exists(stamp) and os.path.exists(os.path.join(converted, MANIFEST)):
+    with open(stamp) as f:
+      if json.load(f) == settings:
+        log.info("Reusing the phantom dataset in %s", converted)
+        return _checked(converted, config)
+  from data_prep import convert  # pylint: disable=import-outside-toplevel
+  from data_prep import phantom  # pylint: disable=import-outside-toplevel
+
+  p = config.data.phantom
+  dicom_dir = os.path.join(root, "dicom")
+  for d in (dicom_dir, converted):
+    shutil.rmtree(d, ignore_errors=True)
+  if os.path.exists(stamp):
+    os.remove(stamp)
+  os.makedirs(root, exist_ok=True)
+  log.info("No data.dir: generating %d phantom cases in %s", p.cases, dicom_dir)
+  phantom.generate(dicom_dir, cases=int(p.cases), seed=int(p.seed), size=int(p.size), slices=int(p.slices),
+                   slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True)
+  log.info("Converting the phantom to records in %s", converted)
+  # The phantom's pseudonymisation key is fixed by its seed, so that its case ids and splits are reproducible.
+  key_file = os.path.join(root, "phantom.hmac_key")
+  with open(key_file, "wb") as f:
+    f.write(hashlib.sha256(f"vcect-phantom-{p.seed}".encode()).digest())
+  convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
+                               image_size=int(config.data.image_size), key_file=key_file,
+                               split_fractions=tuple(p.split_fractions), split_method="rank"))
+  with open(stamp, "w") as f:
+    json.dump(settings, f)
+  return _checked(converted, config)
+
+
+def _checked(converted: str, config) -> str:
+  """The phantom dataset, if the configured phase has training and validation examples."""
+  with open(os.path.join(converted, MANIFEST)) as f:
+    splits = json.load(f)["phases"][config.phase]["splits"]
+  empty = [s for s in ("train", "validation") if not splits[s]["examples"]]
+  if empty:
+    raise ValueError(f"the phantom's {config.phase} records have no {' or '.join(empty)} examples "
+                     f"({config.data.phantom.cases} cases): raise --config.data.phantom.cases")
+  return converted
