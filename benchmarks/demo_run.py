@@ -20,16 +20,18 @@ import jax
 import numpy as np
 
 from data_prep.phantom.anatomy import LABEL_IDS
+from vcect_jax import checkpoint
 from vcect_jax import hu
 from vcect_jax import input_pipeline
-from vcect_jax import train
+from vcect_jax import runtime
 
 
 def aorta_hu(workdir: str) -> dict[str, float]:
-  config, gens = train.load_generators(workdir)
+  loaded = checkpoint.load_generator(workdir)
+  config, generator = loaded.config, loaded.generator
   source = input_pipeline.load_source(f"{workdir}/data/converted", config.phase, "validation")
   window = hu.Window.from_config(config.data.window)
-  forward = jax.jit(lambda x: gens.global_net(x))
+  forward = jax.jit(lambda x: generator(x))
   sums = {"pre": 0.0, "virtual": 0.0, "real": 0.0}
   count = 0
   for i in range(len(source)):
@@ -70,7 +72,7 @@ def main():
     config = importlib.import_module(f"configs.{args.phase}").get_config("demo")
     config.update_from_flattened_dict({k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.set)})
     t0 = time.perf_counter()
-    result = train.train_and_evaluate(config, args.workdir)
+    result = runtime.dispatch(config, args.workdir)
     print(f"demo run ({args.phase}): {time.perf_counter() - t0:.0f} s end to end, validation "
           + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["eval"].items())))
   m = aorta_hu(args.workdir)

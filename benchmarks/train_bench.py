@@ -12,12 +12,16 @@ import argparse
 import statistics
 import time
 
+from unittest import mock
+
 import jax
 import numpy as np
 from flax import nnx
 
 from configs import arterial
+from vcect_jax import methods
 from vcect_jax import models
+from vcect_jax import pretrain
 from vcect_jax import sharding
 from vcect_jax import train
 
@@ -38,33 +42,32 @@ def main():
   size, batch = config.data.image_size, config.train.batch_size
 
   mesh = sharding.make_mesh()
-  objects, _ = train.build_networks(config, steps_per_epoch=1000)
-  for obj in objects[:2]:
-    obj.train()
-  encoder = models.IntensityClassifier(config.model, rngs=nnx.Rngs(1)).encoder
-  encoder.eval()
-  enc_def, enc_state = nnx.split(encoder)
-  graphdef, state = nnx.split(objects)
-  step = train.jit_train_step(config, graphdef, enc_def, mesh)
+  config.perceptual.init_generator = False
+  config.perceptual.pretext_checkpoint = "random-encoder"  # a random pretext encoder: same cost, no checkpoint
+  method = methods.create(config)
+  with mock.patch.object(pretrain, "load_pretext_encoder",
+                         lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(1)).encoder):
+    module = method.create_state(steps_per_epoch=1000)
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(module.generators.global_net, nnx.Param)))
+  graphdef, state = nnx.split(module)
+  step = train.jit_train_step(method, graphdef, mesh)
   rng = np.random.default_rng(0)
   batch_np = {"pre": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
               "post": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32)}
   batch_arr = sharding.global_batch(batch_np, mesh)
   state = sharding.replicate(state, mesh)
-  enc_state = sharding.replicate(enc_state, mesh)
 
   t0 = time.perf_counter()
-  state, m = step(state, enc_state, batch_arr)
+  state, m = step(state, batch_arr)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, m = step(state, enc_state, batch_arr)
+    state, m = step(state, batch_arr)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(objects[0].global_net, nnx.Param)))
   print(f"variant={args.variant or 'paper'} size={size} batch={batch} devices={jax.device_count()} "
         f"({jax.devices()[0].platform}) generator_params={n_params:,} first_step(compile)={compile_s:.1f}s "
         f"median_step={med * 1000:.0f}ms steps/s={1 / med:.2f} (min {min(times) * 1000:.0f}ms over {len(times)})")

@@ -11,8 +11,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # What `vcect_jax.main` runs: 'train' (dual-path GAN), 'pretrain' (pretext intensity classifier).
+  # What `vcect_jax.main` runs: 'train' (the training `method` below), 'pretrain' (pretext intensity classifier),
+  # 'prepare' (only the data step: the embedded phantom when `data.dir` is empty), 'eval' (evaluate a checkpoint,
+  # section `eval`).
   config.mode = "train"
+  # The training method (vcect_jax/methods): 'dual_path_gan' (the paper's model). Pretext pretraining is the
+  # method 'pretext', chosen by mode='pretrain'.
+  config.method = "dual_path_gan"
   # Contrast phase to synthesise: 'arterial', 'portal' or 'delayed'.
   config.phase = "arterial"
   config.seed = 0
@@ -98,7 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   pretrain.validation_cases = 2               # phantom source: the last cases form the validation split
   pretrain.eval_batch_size = 8                # slices per evaluation batch
   pretrain.max_eval_slices = 0                # > 0: evaluate on at most this many validation slices
-  pretrain.log_every = 50                     # steps between training-loss log lines
+  pretrain.log_every = 50                     # steps between training-loss summaries (and the finite-loss check)
+  pretrain.checkpoint_every = 1000            # steps between checkpoints of the run (exact resume)
 
   # ---------------------------------------------------------------- GAN training (issue 5)
   # Loss terms (paper eq. 1, 3). Ablations of Table 2: use_discriminator=False, use_perceptual=False and
@@ -108,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   loss.use_perceptual = True
   loss.adversarial_weight = 1.0
   loss.pixel_weight = 1.0                     # lambda1 of eq. 3 (the authors' code uses 0.1)
+  loss.perceptual_weight = 1.0                # weight of the summed perceptual terms (the paper: 1)
 
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()
@@ -138,6 +145,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 1000
   train.keep_checkpoints = 3
   train.async_checkpoints = True
+
+  # Evaluation (`mode='eval'`): `python -m vcect_jax.main --config=configs/arterial.py --config.mode=eval
+  # --config.eval.checkpoint=PATH`. The checkpoint carries its config; only the data comes from this config.
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.checkpoint = ""                          # a training workdir, its checkpoints/ folder, or one step folder
+  ev.split = "test"                           # 'train', 'validation' or 'test'
+  ev.batch_size = 8                           # slices per generator call
+  ev.max_cases = 0                            # > 0: evaluate at most this many cases (quick looks)
+  ev.report_dir = ""                          # empty: <workdir>/report
 
   # grain input pipeline.
   config.input = inp = ml_collections.ConfigDict()

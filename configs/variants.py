@@ -23,7 +23,7 @@ def apply(config, variant: str | None):
 def _smoke(config):
   config.data.image_size = 32
   config.data.phantom.update(cases=5, slices=6, size=64, slice_thickness=5.0, pixel_spacing=6.0)
-  config.model.generator.widths = (4, 8, 8, 16, 16)
+  config.model.generator.widths = (4, 8, 8, 16, 16)  # shared with configs/pretrain.py:smoke
   config.model.discriminator.widths = (4, 8, 8, 8)
   config.model.classifier.hidden = (16, 8)
   config.pretrain.steps = 4

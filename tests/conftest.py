@@ -18,13 +18,11 @@ def smoke_config(phase: str = "arterial"):
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
   """A work directory whose embedded phantom dataset and pretext checkpoint are built once per session."""
-  from vcect_jax import embedded
+  from vcect_jax import runtime
 
   workdir = str(tmp_path_factory.mktemp("smoke_shared"))
-  config = smoke_config()
-  data_dir = embedded.ensure_dataset(config, workdir)
-  pretext = embedded.ensure_pretext_checkpoint(config, workdir)
-  return {"workdir": workdir, "data_dir": data_dir, "pretext": pretext}
+  config = runtime.prepare_inputs(smoke_config(), workdir)
+  return {"workdir": workdir, "data_dir": config.data.dir, "pretext": config.perceptual.pretext_checkpoint}
 
 
 @pytest.fixture

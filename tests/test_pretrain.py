@@ -1,6 +1,7 @@
 """Tests of the pretext pretraining: intensity levels, batching, training to high accuracy, checkpoint loading."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import pretrain as pretrain_configs
+from data_prep import pretext_sources
 from vcect_jax import hu
 from vcect_jax import models
 from vcect_jax import pretrain
@@ -43,6 +45,9 @@ def synthetic_stacks(n: int, size: int, seed: int) -> np.ndarray:
 
 def smoke_config():
   config = pretrain_configs.get_config("smoke")
+  # Wider than the shipped smoke networks, so that 40-60 steps reach a high accuracy.
+  config.model.generator.widths = (8, 16, 32, 64, 128)
+  config.model.classifier.hidden = (32, 16)
   config.pretrain.steps = 60
   config.pretrain.log_every = 20
   return config
@@ -54,7 +59,7 @@ def trained(tmp_path_factory):
   config = smoke_config()
   config.data.phantom.cases = 4
   config.data.phantom.slices = 8
-  train_source, validation_source = pretrain.phantom_sources(config)  # the last case validates
+  train_source, validation_source = pretext_sources.phantom_sources(config)  # the last case validates
   assert len(train_source) == 24 and len(validation_source) == 8
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   return config, pretrain.pretrain(config, workdir, train_source, validation_source)
@@ -64,8 +69,8 @@ def test_pretrain_on_synthetic_ellipses(tmp_path):
   config = smoke_config()
   config.pretrain.steps = 40
   size = config.data.image_size
-  result = pretrain.pretrain(config, str(tmp_path), pretrain.ArraySource(synthetic_stacks(32, size, 0)),
-                             pretrain.ArraySource(synthetic_stacks(8, size, 1)))
+  result = pretrain.pretrain(config, str(tmp_path), pretext_sources.ArraySource(synthetic_stacks(32, size, 0)),
+                             pretext_sources.ArraySource(synthetic_stacks(8, size, 1)))
   assert min(result["per_class_accuracy"].values()) > 0.9, result
 
 
@@ -81,20 +86,44 @@ def test_intensity_levels():
   np.testing.assert_allclose(clipped[2, 0, :, 1], np.minimum(unit * 2, 1) * 2 - 1, atol=1e-6)
 
 
-def test_neighbour_stacks_duplicate_the_edges():
-  volume = np.arange(4)[:, None, None] * np.ones((4, 2, 2), np.int16)
-  stacks = pretrain.neighbour_stacks(volume)
-  assert stacks.shape == (4, 3, 2, 2)
-  np.testing.assert_array_equal(stacks[:, :, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+def test_pretraining_resumes_exactly_on_the_shared_loop(tmp_path):
+  """Pretext pretraining is a method of the shared loop: 4 steps straight equal 2 steps + a resumed 2."""
+  config = smoke_config()
+  config.pretrain.steps, config.pretrain.checkpoint_every = 4, 2
+  size = config.data.image_size
+  sources = (pretext_sources.ArraySource(synthetic_stacks(16, size, 0)),
+             pretext_sources.ArraySource(synthetic_stacks(8, size, 1)))
+  straight = pretrain.pretrain(config, str(tmp_path / "straight"), *sources)
+  config.pretrain.steps = 2
+  pretrain.pretrain(config, str(tmp_path / "resumed"), *sources)
+  shutil.rmtree(tmp_path / "resumed" / "pretext")  # the export of the short run; its checkpoints stay
+  config.pretrain.steps = 4
+  resumed = pretrain.pretrain(config, str(tmp_path / "resumed"), *sources)
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2", "4"]
+  a, b = jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert straight["per_class_accuracy"] == resumed["per_class_accuracy"]
 
 
-def test_train_batches_are_deterministic_and_drop_the_remainder():
-  source = pretrain.ArraySource(np.arange(7)[:, None, None, None] * np.ones((7, 3, 2, 2), np.int16))
-  first = [b[:, 0, 0, 0] for _, b in zip(range(6), pretrain.train_batches(source, 2, seed=3))]
-  again = [b[:, 0, 0, 0] for _, b in zip(range(6), pretrain.train_batches(source, 2, seed=3))]
-  np.testing.assert_array_equal(first, again)
-  epoch = np.concatenate(first[:3])
-  assert len(set(epoch.tolist())) == 6  # 3 batches of 2 per epoch, no repeats, one slice left over
+def test_empty_validation_split_stops_before_training(tmp_path):
+  config = smoke_config()
+  size = config.data.image_size
+  with pytest.raises(ValueError, match="validation split is empty"):
+    pretrain.pretrain(config, str(tmp_path), pretext_sources.ArraySource(synthetic_stacks(8, size, 0)),
+                      pretext_sources.ArraySource(synthetic_stacks(8, size, 0)[:0]))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("variant", ["smoke", "demo"])
+def test_pretrain_variants_share_the_phase_variants_networks(variant):
+  """A pretext checkpoint of configs/pretrain.py:<variant> must fit configs/<phase>.py:<variant>."""
+  from configs import arterial  # pylint: disable=import-outside-toplevel
+
+  ours, theirs = pretrain_configs.get_config(variant).model, arterial.get_config(variant).model
+  assert ours.generator.to_dict() == theirs.generator.to_dict()
+  assert ours.classifier.to_dict() == theirs.classifier.to_dict()
 
 
 def test_pretrain_reaches_high_validation_accuracy(trained):
@@ -167,7 +196,7 @@ def test_config_variants():
 
 def test_pretrain_refuses_to_overwrite_a_checkpoint(trained):
   config, result = trained
-  source = pretrain.ArraySource(synthetic_stacks(8, config.data.image_size, 2))
+  source = pretext_sources.ArraySource(synthetic_stacks(8, config.data.image_size, 2))
   with pytest.raises(FileExistsError, match="already exists"):
     pretrain.pretrain(config, os.path.dirname(result["checkpoint"]), source, source)
 
@@ -183,7 +212,7 @@ def test_dicom_folder_source_reads_only_non_contrast_series(tmp_path):
   config.pretrain.source = "dicom"
   config.pretrain.dicom_dir = str(tmp_path / "dicom")
   config.pretrain.validation_cases = 1
-  train_source, val_source = pretrain.make_sources(config)
+  train_source, val_source = pretext_sources.make_sources(config)
   assert (len(train_source), len(val_source)) == (10, 5)  # 2 + 1 studies x 5 non-contrast slices
   # The validation study's middle slice equals pydicom's HU of the most cranial-but-two non-contrast file.
   files = sorted((tmp_path / "dicom" / "case_0002" / "non_contrast").iterdir())
@@ -193,4 +222,4 @@ def test_dicom_folder_source_reads_only_non_contrast_series(tmp_path):
   np.testing.assert_array_equal(val_source[2]["pre"][0], val_source[1]["pre"][1])
   config.pretrain.dicom_dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="dicom_dir"):
-    pretrain.make_sources(config)
+    pretext_sources.make_sources(config)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -13,7 +14,10 @@ import pytest
 from flax import nnx
 
 from tests.conftest import smoke_config
+from vcect_jax import methods
 from vcect_jax import models
+from vcect_jax import pretrain
+from vcect_jax import runtime
 from vcect_jax import sharding
 from vcect_jax import train
 
@@ -28,23 +32,25 @@ def _random_batch(config, batch=2, seed=0):
 
 
 def _one_step(config):
-  """Builds the networks and runs one jitted train step on a random batch: (state before, state after, metrics)."""
-  objects, _ = train.build_networks(config, steps_per_epoch=10)
-  for obj in objects[:2]:
-    obj.train()
-  encoder = models.IntensityClassifier(config.model, rngs=nnx.Rngs(5)).encoder
-  encoder.eval()
-  enc_def, enc_state = nnx.split(encoder)
-  graphdef, state = nnx.split(objects)
+  """Builds the method's state and runs one jitted train step on a random batch: (state before, after, metrics).
+
+  The pretext encoder is a random one, so no pretext checkpoint is needed.
+  """
+  config.perceptual.init_generator = False
+  method = methods.create(config)
+  config.perceptual.pretext_checkpoint = "unused"
+  with mock.patch.object(pretrain, "load_pretext_encoder",
+                         lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(5)).encoder):
+    module = method.create_state(steps_per_epoch=10)
+  graphdef, state = nnx.split(module)
   before = jax.tree.map(np.array, state)
-  step = train.jit_train_step(config, graphdef, enc_def, sharding.make_mesh())
-  after, metrics = step(state, enc_state, _random_batch(config))
+  step = train.jit_train_step(method, graphdef, sharding.make_mesh())
+  after, metrics = step(state, _random_batch(config))
   return before, jax.device_get(after), jax.device_get(metrics)
 
 
 def _generator_param_leaves(state):
-  gens_state = state[0]
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.filter_state(gens_state, nnx.Param))]
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.filter_state(state["generators"], nnx.Param))]
 
 
 def test_gradient_reaches_generator_through_local_path():
@@ -106,10 +112,10 @@ def _event_tags(workdir):
 
 
 def test_smoke_end_to_end_from_fresh_workdir(tmp_path):
-  """Phantom -> conversion -> pretext -> training, from nothing but the smoke config."""
+  """Phantom -> conversion -> pretext -> training, from nothing but the smoke config (what main runs)."""
   config = smoke_config()
   workdir = str(tmp_path / "run")
-  result = train.train_and_evaluate(config, workdir)
+  result = runtime.dispatch(config, workdir)
   assert result["step"] == config.train.steps
   assert os.path.exists(os.path.join(workdir, "data", "converted", "manifest.json"))
   assert os.path.isdir(os.path.join(workdir, "pretrain"))

@@ -1,19 +1,27 @@
 """Orbax checkpoints of a training run: network and optimiser state, input position and config, in one step.
 
 Each checkpoint step holds three items:
-  state:     the nnx state of every trained object (generator, discriminator, both optimisers), as a pure dict
-             of arrays (`nnx.State.to_pure_dict`), restored against an abstract target with the run's shardings;
+  state:     the method's named nnx state (e.g. `generators`, `discriminator`, `opt_g`, `opt_d`, `encoder`), as a
+             pure dict of arrays (`nnx.State.to_pure_dict`), restored against an abstract target with the run's
+             shardings;
   data_iter: the grain iterator state (JSON), so that a resumed run reads exactly the batches it would have;
   config:    the config the run was trained with (JSON), so evaluation and inference need only the path.
 
 Saves are asynchronous; `close()` waits for the last one. A SIGTERM (preemption on clouds and clusters) is
 turned into a flag that the training loop polls: it then saves at the current step and exits cleanly.
+
+`Checkpointer.restore_latest` survives a damaged checkpoint (a disk fault, a copy cut short): it warns, moves the
+unreadable step aside (`<checkpoints>.damaged/<step>`) and resumes from the newest step that restores.
+`load_generator(path)` restores only the generator (no discriminator, no optimiser state) for evaluation and
+inference, from a work directory, its `checkpoints/` folder or one step folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 
@@ -74,7 +82,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data_iter=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match this model (was it trained with another "
           f"config? compare its config with yours): {e}") from e
@@ -82,24 +90,130 @@ class Checkpointer:
     state.replace_by_pure_dict(restored["state"])
     return state, restored["data_iter"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def restore_latest(self, abstract_state: nnx.State) -> tuple[int, nnx.State, dict] | None:
+    """(step, state, data_iter state) of the newest step that restores; None when there is no checkpoint.
+
+    A step that cannot be read is reported, moved to `<directory>.damaged/` (so that the run can save that
+    step again later) and the next older step is tried. With none readable, a ValueError names them all.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    problems = []
+    for step in steps:
+      try:
+        state, iter_state = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
+        reason = str(e).splitlines()[0][:300]
+        problems.append(f"step {step}: {reason}")
+        logging.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one", step,
+                        self.directory, reason)
+        continue
+      if problems:
+        self._set_aside([s for s in steps if s > step])
+      return step, state, iter_state
+    if steps:
+      raise ValueError(f"no checkpoint in {self.directory} can be restored ({'; '.join(problems)}). If the config "
+                       "changed since they were written, compare it with the stored one; otherwise move the folder "
+                       "away to start the run afresh, or point the run at another work directory")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps out of the manager's directory, keeping them for inspection."""
+    if jax.process_index() == 0:
+      damaged = self.directory + ".damaged"
+      os.makedirs(damaged, exist_ok=True)
+      for step in steps:
+        target = os.path.join(damaged, str(step))
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved the unreadable checkpoint step %d to %s", step, target)
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
 
 
+def _read_only_manager(checkpoint_dir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def read_config(checkpoint_dir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config stored with a checkpoint (latest step unless given)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=ITEMS,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-  cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  mngr.close()
+  mngr = _read_only_manager(checkpoint_dir)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    mngr.close()
   return ml_collections.ConfigDict(cfg)
+
+
+def resolve(path: str) -> tuple[str, int | None]:
+  """(checkpoints directory, step or None for the latest) of a work directory, checkpoints folder or step."""
+  path = os.path.abspath(os.path.expanduser(path))
+  name = os.path.basename(path.rstrip(os.sep))
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(name)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    return path, None
+  raise FileNotFoundError(
+      f"no checkpoint at {path!r}: give a training work directory, its checkpoints/ folder or one step folder "
+      "(checkpoints/<step>)")
+
+
+@dataclasses.dataclass
+class LoadedGenerator:
+  """A trained generator, in eval mode: `generator(pre)` maps `(B, H, W, 3)` to `(B, H, W, 1)`, model space."""
+
+  config: ml_collections.ConfigDict  # the config the checkpoint was trained with
+  generator: nnx.Module
+  step: int
+  path: str  # the step folder it came from
+
+
+def load_generator(path: str) -> LoadedGenerator:
+  """Restores only the generator of a checkpoint (no discriminator, no optimiser state).
+
+  Args:
+    path: a training work directory, its `checkpoints/` folder, or one step folder (`checkpoints/<step>`).
+  """
+  from vcect_jax import methods  # pylint: disable=g-import-not-at-top
+
+  checkpoint_dir, step = resolve(path)
+  mngr = _read_only_manager(checkpoint_dir)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    config = ml_collections.ConfigDict(
+        mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    method = methods.create(config)
+    generator = method.build_generator()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(generator).to_pure_dict())
+    target = abstract
+    for key in reversed(method.generator_key):
+      target = {key: target}
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"the generator of checkpoint {checkpoint_dir}/{step} cannot be restored: {e}") from e
+  finally:
+    mngr.close()
+  tree = restored["state"]
+  for key in method.generator_key:
+    tree = tree[key]
+  state = nnx.state(generator)
+  state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, tree))
+  nnx.update(generator, state)
+  generator.eval()
+  return LoadedGenerator(config=config, generator=generator, step=int(step),
+                         path=os.path.join(checkpoint_dir, str(step)))
 
 
 def config_to_json(config) -> dict:

@@ -89,35 +89,31 @@ def _this_process_share(ds: grain.MapDataset, local_batch: int) -> grain.MapData
   return ds.batch(local_batch, drop_remainder=True)[jax.process_index()::jax.process_count()]
 
 
-def train_dataset(source, config, local_batch: int) -> grain.MapDataset:
-  """Endless training batches of this process: per-epoch shuffle, window, batch, this process's share."""
-  window = hu.Window.from_config(config.data.window)
+def train_dataset(source, transform, local_batch: int, seed: int, augment=None) -> grain.MapDataset:
+  """Endless training batches of this process: per-epoch shuffle, `transform` (record -> model inputs),
+  optional `augment(example, rng)`, batch, this process's share."""
   ds = grain.MapDataset.source(source)
   global_batch = local_batch * jax.process_count()
   if len(ds) < global_batch:
     raise ValueError(f"{len(ds)} training examples, fewer than one batch of {global_batch}")
-  ds = ds.seed(config.seed).shuffle().repeat()
-  ds = ds.map(lambda ex: to_model_space(ex, window))
-  aug = config.input.augment
-  if aug.enabled:
-    ds = ds.random_map(lambda ex, rng: augment(ex, rng, aug.flip_lr, aug.max_shift_px))
+  ds = ds.seed(seed).shuffle().repeat().map(transform)
+  if augment is not None:
+    ds = ds.random_map(augment)
   return _this_process_share(ds, local_batch)
 
 
-def eval_dataset(source, config, local_batch: int, max_examples: int = 0) -> grain.MapDataset:
-  """A fixed, unshuffled pass over (the first `max_examples` of) a split, HU kept for the metrics.
+def eval_dataset(source, transform, local_batch: int, max_examples: int = 0) -> grain.MapDataset:
+  """A fixed, unshuffled pass over (the first `max_examples` of) a split through `transform`.
 
   Only whole global batches are used (a remainder is left out), so every process runs the same number of
   collective evaluation steps.
   """
-  window = hu.Window.from_config(config.data.window)
   ds = grain.MapDataset.source(source)
   if max_examples:
     ds = ds[:max_examples]
   per_round = local_batch * jax.process_count()
   ds = ds[:len(ds) // per_round * per_round]
-  ds = ds.map(lambda ex: to_model_space(ex, window, with_hu=True))
-  return _this_process_share(ds, local_batch)
+  return _this_process_share(ds.map(transform), local_batch)
 
 
 def make_iterator(ds: grain.MapDataset, worker_count: int = 0):

@@ -1,16 +1,39 @@
-"""The paper's objectives (equations 1, 3 and 4).
+"""Every loss term and how they combine: plain functions of arrays and weights (paper equations 1-4).
 
-Discriminator: BCE-with-logits plus least-squares (MSE) terms on the patch logits, real = 1 and virtual = 0.
-Generator, per path: adversarial (the same two terms with target 1) + lambda1 * pixel MSE + the sum of the
-perceptual terms over the encoder's last four blocks. Dual path: 0.6 * global + 0.4 * local.
+Discriminator (eq. 1): BCE-with-logits plus least-squares terms on the patch logits, real = 1 and virtual = 0;
+  with the dual path, the virtual images of the two paths enter weighted 0.6 / 0.4.
+Generator, per path (eq. 3): adversarial_weight * adversarial (the same two terms, target 1)
+  + pixel_weight (lambda1) * pixel MSE + perceptual_weight * the sum of the perceptual terms over the pretext
+  encoder's last four blocks.
+Dual path (eq. 4): 0.6 * global + 0.4 * local.
+Pretext (eq. 2): softmax cross-entropy over the intensity levels.
+
+Training steps call these and nothing else, so a method's objective reads in one place.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import optax
 
 
+@dataclasses.dataclass(frozen=True)
+class GeneratorWeights:
+  """The weight of each generator term (config section `loss`)."""
+
+  pixel: float = 1.0
+  adversarial: float = 1.0
+  perceptual: float = 1.0
+
+  @classmethod
+  def from_config(cls, loss_config) -> "GeneratorWeights":
+    return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
+               perceptual=float(loss_config.get("perceptual_weight", 1.0)))
+
+
+# ------------------------------------------------------------------------------------------------ terms
 def bce_with_logits(logits: jnp.ndarray, target: float) -> jnp.ndarray:
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
 
@@ -28,6 +51,42 @@ def pixel_mse(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.square(virtual - real))
 
 
+def classification(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  """Mean softmax cross-entropy of integer labels (the pretext task, eq. 2)."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+# ------------------------------------------------------------------------------------------------ composition
 def weighted_sum(terms: dict[str, jnp.ndarray], weights: dict[str, float]) -> jnp.ndarray:
   """sum_k weights[k] * terms[k] over the keys of `weights`."""
   return sum(weights[k] * terms[k] for k in weights)
+
+
+def discriminator_loss(real_logits: jnp.ndarray, virtual_logits: dict[str, jnp.ndarray],
+                       path_weights: dict[str, float]) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Eq. 1 with the dual path: real pairs -> 1, each path's virtual pairs -> 0, the paths weighted.
+
+  Returns:
+    (loss, terms) with terms `d_real` and `d_fake_<path>`.
+  """
+  terms = {"d_real": adversarial(real_logits, 1.0)}
+  for path in path_weights:
+    terms[f"d_fake_{path}"] = adversarial(virtual_logits[path], 0.0)
+  fake = weighted_sum({p: terms[f"d_fake_{p}"] for p in path_weights}, path_weights)
+  return terms["d_real"] + fake, terms
+
+
+def generator_path_loss(weights: GeneratorWeights, pixel: jnp.ndarray, adversarial_term: jnp.ndarray | None = None,
+                        perceptual: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Eq. 3 for one path; a term given as None is switched off (the ablations of Table 2)."""
+  total = weights.pixel * pixel
+  if adversarial_term is not None:
+    total = total + weights.adversarial * adversarial_term
+  if perceptual is not None:
+    total = total + weights.perceptual * perceptual
+  return total
+
+
+def dual_path_loss(path_totals: dict[str, jnp.ndarray], path_weights: dict[str, float]) -> jnp.ndarray:
+  """Eq. 4: lambda2 * global + lambda3 * local (or the global path alone without the dual path)."""
+  return weighted_sum(path_totals, path_weights)

@@ -1,4 +1,11 @@
-"""What `main` does after flag parsing: process set-up, default work directory and dispatch by `config.mode`."""
+"""What `main` does after flag parsing: process set-up, default work directory and dispatch by `config.mode`.
+
+Modes, each a stage of the data flow:
+  prepare   the data step alone: with `data.dir` empty, generate and convert the embedded phantom (data_prep);
+  pretrain  pretext pretraining of the intensity classifier (the `pretext` method on the shared loop);
+  train     `prepare_inputs` (data, and a pretext checkpoint when none is configured), then the training loop;
+  eval      evaluation of a checkpoint on whole cases of a split (vcect_jax.evaluate) -> report/.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ from absl import logging
 
 from vcect_jax import sharding
 
-MODES = ("train", "pretrain")
+MODES = ("train", "pretrain", "prepare", "eval")
+# What a data or configuration mistake raises: `main` reports these as one message (exit status 2). Our own code
+# raises them with a message that says what to fix; FloatingPointError is the non-finite-loss stop.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def default_workdir(config) -> str:
@@ -48,15 +58,44 @@ def initialize(config) -> None:
     pass
 
 
+def prepare_inputs(config, workdir: str):
+  """The inputs a training run reads, made when the config does not name them; returns the resolved config.
+
+  * `data.dir` empty: the embedded phantom, generated and converted once under `<workdir>/data`
+    (`data_prep.prepare`); a given `data.dir` is checked (its image size must match the config's).
+  * GAN training with the perceptual loss or the pretext initialisation and `perceptual.pretext_checkpoint`
+    empty: a pretext classifier pretrained once under `<workdir>/pretrain` on the training split.
+  """
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.dir = prepare.ensure_dataset(config, workdir)
+    needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
+    if config.mode == "train" and needs_pretext and not config.perceptual.pretext_checkpoint:
+      from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
+
+      config.perceptual.pretext_checkpoint = pretrain.ensure_pretext_checkpoint(config, workdir)
+  return config
+
+
 def dispatch(config, workdir: str):
   """Runs the job that `config.mode` names and returns its result."""
   if config.mode not in MODES:
     raise SystemExit(f"config.mode={config.mode!r} is not one of {MODES}")
   logging.info("Mode %s, work directory %s, %d devices", config.mode, workdir, jax.device_count())
+  if config.mode == "prepare":
+    return prepare_inputs(config, workdir).data.dir
+  if config.mode == "eval":
+    from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    return evaluate.run(config, workdir)
   if config.mode == "pretrain":
     from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
 
+    if config.data.dir or config.pretrain.source == "records":
+      config = prepare_inputs(config, workdir)
     return pretrain.pretrain(config, workdir)
   from vcect_jax import train  # pylint: disable=g-import-not-at-top
 
-  return train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(prepare_inputs(config, workdir), workdir)

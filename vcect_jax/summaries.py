@@ -16,7 +16,6 @@ from clu import metric_writers
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from vcect_jax import hu
 from vcect_jax import input_pipeline
 from vcect_jax import sharding
 
@@ -26,8 +25,9 @@ IMAGE_EXAMPLES = 2
 class Writer:
   """One run's summary writer, progress reporter (steps/s) and console ETA."""
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: str, total_steps: int, console_keys=("g_loss", "d_loss")):
     self.total_steps = total_steps
+    self.console_keys = tuple(console_keys)
     self._writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     self._progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self._writer)
     self._last_console = None  # (time, step)
@@ -42,7 +42,7 @@ class Writer:
     self._writer.write_images(step, images)
 
   def console(self, step: int, means: dict) -> None:
-    """`step 120/500 (24%)  g_loss 0.41  d_loss 1.23  2.1 steps/s  ETA 0:03:01`."""
+    """`step 120/500 (24%)  g_loss 0.41  d_loss 1.23  2.1 steps/s  ETA 0:03:01` (the method's console keys)."""
     now = time.monotonic()
     rate_text, eta_text = "", ""
     if self._last_console is not None and step > self._last_console[1]:
@@ -50,7 +50,7 @@ class Writer:
       eta = datetime.timedelta(seconds=round((self.total_steps - step) / rate))
       rate_text, eta_text = f"  {rate:.2f} steps/s", f"  ETA {eta}"
     self._last_console = (now, step)
-    losses = "  ".join(f"{k} {means[k]:.4g}" for k in ("g_loss", "d_loss") if k in means)
+    losses = "  ".join(f"{k} {means[k]:.4g}" for k in self.console_keys if k in means)
     logging.info("step %d/%d (%d%%)  %s%s%s", step, self.total_steps, 100 * step // self.total_steps, losses,
                  rate_text, eta_text)
 
@@ -59,27 +59,18 @@ class Writer:
     self._writer.close()
 
 
-def write_images(writer: Writer, eval_step, state, encoder_state, source, config, step: int,
-                 window: hu.Window, mesh) -> None:
-  """Grids of the first validation slices, and their perceptual heatmaps when an encoder is in use.
+def write_images(writer: Writer, image_step, state, source, transform, step: int, mesh) -> None:
+  """The method's image grids (values in [0, 1]) for the first validation examples.
 
-  Every process runs this (the step is a collective over all devices); the slices are gathered everywhere and
+  Every process runs this (the step is a collective over all devices); the images are gathered everywhere and
   only process 0's writer writes them.
   """
   n = sharding.fitting_batch_size(mesh, IMAGE_EXAMPLES, len(source))
   if not n:
     return
-  local = next(iter(input_pipeline.eval_dataset(source, config, n // jax.process_count(), n)))
-  global_batch = sharding.global_batch(local, mesh)
-  out = eval_step(state, encoder_state, global_batch)
-  batch, out = multihost_utils.process_allgather((global_batch, out), tiled=True)
-  pre = hu.model_to_unit(batch["pre"][..., 1])
-  virtual = np.clip(hu.model_to_unit(out["virtual"][..., 0]), 0, 1)
-  real = hu.model_to_unit(batch["post"][..., 0])
-  grid = np.concatenate([pre, virtual, real, np.abs(virtual - real)], axis=2)  # (n, H, 4W)
-  images = {"pre_virtual_real_absdiff": grid[..., None]}
-  if "heatmaps" in out:
-    heat = out["heatmaps"]  # (n, H, W, 4)
-    heat = heat / np.maximum(heat.max(axis=(1, 2), keepdims=True), 1e-12)
-    images["perceptual_heatmaps"] = np.concatenate(list(np.moveaxis(heat, -1, 0)), axis=2)[..., None]
-  writer.images(step, images)
+  local = next(iter(input_pipeline.eval_dataset(source, transform, n // jax.process_count(), n)))
+  images = image_step(state, sharding.global_batch(local, mesh))
+  if not images:
+    return
+  images = multihost_utils.process_allgather(images, tiled=True)
+  writer.images(step, {k: np.asarray(v) for k, v in images.items()})

@@ -1,383 +1,178 @@
-"""Dual-path GAN training for one contrast phase (paper sections 3.1-3.3, 4.3.2).
+"""The one training loop, shared by every method (`vcect_jax/methods`: the dual-path GAN, pretext pretraining).
 
-`train_and_evaluate(config, workdir)` reads top to bottom: data, networks and optimisers, mesh and shardings,
-the jitted step, checkpoint restore, then the loop with its periodic summaries, evaluations and checkpoints.
+`train_and_evaluate(config, workdir)` reads top to bottom: method, data, mesh and shardings, state, the jitted
+steps, checkpoint restore (falling back past damaged checkpoints), then the loop with its periodic summaries,
+evaluations and checkpoints, SIGTERM handling and the non-finite guard. What is particular to a method (its
+networks and optimisers, its step, its validation metrics, its images) comes from the method object; nothing in
+this file names a network.
 
-Order of the updates inside one step (pix2pix's order, with a single generator forward pass):
-  1. The generator runs once on the whole image (global path) and on its four quadrants (local path, re-assembled),
-     keeping the VJP of that forward pass.
-  2. The discriminator is updated on real pairs (target 1) and on both paths' virtual images (target 0,
-     weighted 0.6 / 0.4, no gradient to the generator).
-  3. The generator loss of each path (adversarial against the *updated* discriminator + lambda1 * pixel MSE +
-     perceptual) is combined 0.6 / 0.4, differentiated with respect to the virtual images, and pulled back
-     through the saved VJP to the generator parameters: gradients flow through both paths.
+The loop reads records only: the embedded phantom and the on-demand pretext checkpoint are prepared before it
+(`vcect_jax.runtime.prepare_inputs`, which `python -m vcect_jax.main` runs).
 """
 
 from __future__ import annotations
 
-import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
-from data_prep import phases
-
 from vcect_jax import checkpoint as ckpt_lib
-from vcect_jax import dual_path
-from vcect_jax import embedded
-from vcect_jax import hu
 from vcect_jax import input_pipeline
-from vcect_jax import losses
-from vcect_jax import metrics as metrics_lib
-from vcect_jax import models
+from vcect_jax import methods
 from vcect_jax import sharding
 from vcect_jax import summaries
-
-
-class Generators(nnx.Module):
-  """The generator of each path; `local_net is global_net` unless `dual_path.shared_generator` is False."""
-
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.global_net = models.Generator(config.model.generator, rngs=rngs)
-    if config.dual_path.enabled and not config.dual_path.shared_generator:
-      self.local_net = models.Generator(config.model.generator, rngs=rngs)
-    else:
-      self.local_net = self.global_net
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
 
 
-# ------------------------------------------------------------------------------------------------ optimisers
-def learning_rate_schedule(base_lr: float, config, steps_per_epoch: int) -> optax.Schedule:
-  """Constant, times `decay_factor` after `decay_epochs` (paper: x0.1 after 40 of 50 epochs).
+# ------------------------------------------------------------------------------------------------ jitted steps
+def jit_train_step(method, graphdef, mesh):
+  """`(state, batch) -> (state, metrics)` jitted over `mesh`: state replicated, batch split over 'data', donated."""
 
-  With `train.steps` set, the decay comes at the same fraction of the run (`steps * decay_epochs / epochs`).
-  """
-  t = config.train
-  if t.steps > 0:
-    decay_step = int(round(t.steps * t.decay_epochs / t.epochs))
-  else:
-    decay_step = int(t.decay_epochs * steps_per_epoch)
-  return optax.piecewise_constant_schedule(base_lr, {decay_step: config.train.decay_factor})
+  def step(state, batch):
+    module = nnx.merge(graphdef, state)
+    metrics = method.train_step(module, batch)
+    return nnx.state(module), metrics
 
-
-def make_optimizer(schedule: optax.Schedule, config) -> optax.GradientTransformation:
-  t = config.train
-  if t.weight_decay_mode == "decoupled":
-    return optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
-  if t.weight_decay_mode == "l2":
-    return optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(schedule, b1=t.b1, b2=t.b2))
-  raise ValueError(f"train.weight_decay_mode must be 'l2' or 'decoupled', got {t.weight_decay_mode!r}")
-
-
-# ------------------------------------------------------------------------------------------------ the step
-def path_weights(config) -> dict[str, float]:
-  if config.dual_path.enabled:
-    return {"global": config.dual_path.global_weight, "local": config.dual_path.local_weight}
-  return {"global": 1.0}
-
-
-def generate(gens: Generators, pre: jax.Array, paths) -> dict[str, jax.Array]:
-  """The virtual contrast image of each path: global on the whole image, local on re-assembled quadrants."""
-  out = {"global": gens.global_net(pre)}
-  if "local" in paths:
-    out["local"] = dual_path.assemble(gens.local_net(dual_path.quadrants(pre)))
-  return out
-
-
-def make_train_step(config, graphdef, encoder_graphdef):
-  """The pure step `(state, encoder_state, batch) -> (state, metrics)` for `jax.jit`."""
-  weights = path_weights(config)
-  use_d = config.loss.use_discriminator
-  use_perc = config.loss.use_perceptual
-  perc_weights = tuple(config.perceptual.weights)
-
-  def step(state, encoder_state, batch):
-    gens, disc, opt_g, opt_d = nnx.merge(graphdef, state)
-    pre, post = batch["pre"], batch["post"]
-    metrics = {}
-
-    # 1. One generator forward pass over both paths, keeping its VJP.
-    g_def, g_params, g_rest = nnx.split(gens, nnx.Param, ...)
-
-    def forward(params):
-      g = nnx.merge(g_def, params, g_rest, copy=True)
-      return generate(g, pre, weights), nnx.state(g, nnx.BatchStat)
-
-    virtual, pullback, g_stats = jax.vjp(forward, g_params, has_aux=True)
-    nnx.update(gens, g_stats)
-
-    # 2. Discriminator update: real pairs -> 1, virtual pairs of each path -> 0.
-    if use_d:
-      d_def, d_params, d_rest = nnx.split(disc, nnx.Param, ...)
-
-      def d_loss_fn(params):
-        d = nnx.merge(d_def, params, d_rest, copy=True)
-        terms = {"d_real": losses.adversarial(d(pre, post), 1.0)}
-        for path in weights:
-          terms[f"d_fake_{path}"] = losses.adversarial(d(pre, jax.lax.stop_gradient(virtual[path])), 0.0)
-        fake = losses.weighted_sum({p: terms[f"d_fake_{p}"] for p in weights}, weights)
-        return terms["d_real"] + fake, (terms, nnx.state(d, nnx.BatchStat))
-
-      (d_loss, (d_terms, d_stats)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
-      nnx.update(disc, d_stats)
-      opt_d.update(disc, d_grads)
-      metrics.update(d_terms, d_loss=d_loss)
-      d_now = nnx.split(disc)
-
-    encoder = nnx.merge(encoder_graphdef, encoder_state) if use_perc else None
-
-    # 3. Generator loss on the virtual images, against the updated discriminator, pulled back to the params.
-    def g_loss_fn(virtual):
-      terms, totals = {}, {}
-      for path, v in virtual.items():
-        terms[f"g_pixel_{path}"] = losses.pixel_mse(v, post)
-        path_total = config.loss.pixel_weight * terms[f"g_pixel_{path}"]
-        if use_d:
-          d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages are not kept
-          terms[f"g_adv_{path}"] = losses.adversarial(d(pre, v), 1.0)
-          path_total += config.loss.adversarial_weight * terms[f"g_adv_{path}"]
-        if use_perc:
-          perc, per_block = models.perceptual.perceptual_loss(encoder, v, post, perc_weights)
-          terms[f"g_perc_{path}"] = perc
-          for j, block_loss in enumerate(per_block):
-            terms[f"g_perc_{path}_block{j + 1}"] = block_loss
-          path_total += perc
-        totals[path] = path_total
-        terms[f"g_total_{path}"] = path_total
-      return losses.weighted_sum(totals, weights), terms
-
-    (g_loss, g_terms), d_virtual = jax.value_and_grad(g_loss_fn, has_aux=True)(virtual)
-    (g_grads,) = pullback(d_virtual)
-    opt_g.update(gens, g_grads)
-    metrics.update(g_terms, g_loss=g_loss)
-    return nnx.state((gens, disc, opt_g, opt_d)), metrics
-
-  return step
-
-
-def jit_train_step(config, graphdef, encoder_graphdef, mesh):
-  """The jitted train step over `mesh`: state and encoder replicated, batch split over 'data', state donated."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(make_train_step(config, graphdef, encoder_graphdef),
-                 in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(replicated, sharding.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def make_eval_step(config, graphdef, encoder_graphdef):
-  """`(state, encoder_state, batch) -> per-image metrics and images`, global path, running statistics."""
-  window = hu.Window.from_config(config.data.window)
-
-  def step(state, encoder_state, batch):
-    gens, _, _, _ = nnx.merge(graphdef, state)
-    gens.eval()
-    virtual = gens.global_net(batch["pre"])
-    virtual_unit = hu.model_to_unit(virtual[..., 0])
-    real_unit = hu.model_to_unit(batch["post"][..., 0])
-    virtual_hu = hu.model_to_hu(virtual[..., 0], window)
-    out = {
-        "psnr": metrics_lib.psnr(jnp.clip(virtual_unit, 0, 1), real_unit),
-        "ssim": metrics_lib.ssim(jnp.clip(virtual_unit, 0, 1), real_unit),
-        "mae_hu": metrics_lib.mae_hu(virtual_hu, batch["post_hu"], batch["body_mask"], window.low, window.high),
-        "identity_mae_hu": metrics_lib.mae_hu(batch["pre_hu"], batch["post_hu"], batch["body_mask"],
-                                              window.low, window.high),
-        "virtual": virtual,
-    }
-    if encoder_state is not None:
-      encoder = nnx.merge(encoder_graphdef, encoder_state)
-      out["heatmaps"] = models.perceptual.heatmaps(encoder, virtual, batch["post"])
-    return out
-
-  return step
-
-
-# ------------------------------------------------------------------------------------------------ set-up
-def num_train_steps(config, steps_per_epoch: int) -> int:
-  return int(config.train.steps) if config.train.steps > 0 else int(config.train.epochs * steps_per_epoch)
-
-
-def validate_config(config) -> None:
-  """Stops early, with what to fix, on values that would fail later or silently do something else."""
-  t = config.train
-  problems = []
-  if config.phase not in phases.CONTRAST_PHASES:
-    problems.append(f"phase={config.phase!r} must be one of {phases.CONTRAST_PHASES}")
-  if t.batch_size < 1:
-    problems.append(f"train.batch_size={t.batch_size} must be >= 1")
-  if t.weight_decay_mode not in ("l2", "decoupled"):
-    problems.append(f"train.weight_decay_mode={t.weight_decay_mode!r} must be 'l2' or 'decoupled'")
-  for name in ("generator_lr", "discriminator_lr"):
-    if not t[name] > 0:
-      problems.append(f"train.{name}={t[name]} must be > 0")
-  size, div = config.data.image_size, 2 ** len(config.model.generator.widths)
-  if size % div:
-    problems.append(f"data.image_size={size} must be a multiple of {div} (the local path halves it and the "
-                    f"generator needs multiples of {div // 2})")
-  if config.dual_path.enabled and not math.isclose(config.dual_path.global_weight + config.dual_path.local_weight,
-                                                   1.0):
-    logging.warning("dual_path weights sum to %s, not 1", config.dual_path.global_weight +
-                    config.dual_path.local_weight)
-  for name in ("log_every", "image_every", "eval_every", "checkpoint_every"):
-    if t[name] < 1:
-      problems.append(f"train.{name}={t[name]} must be >= 1")
-  if problems:
-    raise ValueError("invalid config: " + "; ".join(problems))
-
-
-def build_networks(config, steps_per_epoch: int):
-  """Generators, discriminator and their optimisers, initialised from `config.seed`."""
-  rngs = nnx.Rngs(config.seed)
-  gens = Generators(config, rngs=rngs)
-  disc = models.Discriminator(config.model.discriminator, rngs=rngs)
-  g_lr = learning_rate_schedule(config.train.generator_lr, config, steps_per_epoch)
-  d_lr = learning_rate_schedule(config.train.discriminator_lr, config, steps_per_epoch)
-  opt_g = nnx.Optimizer(gens, make_optimizer(g_lr, config), wrt=nnx.Param)
-  opt_d = nnx.Optimizer(disc, make_optimizer(d_lr, config), wrt=nnx.Param)
-  return (gens, disc, opt_g, opt_d), (g_lr, d_lr)
-
-
-def load_perceptual_encoder(config, workdir: str):
-  """The frozen pretext encoder (or None without the perceptual loss); pretrains one for the embedded default."""
-  if not config.loss.use_perceptual and not config.perceptual.init_generator:
-    return None, None
-  path = embedded.ensure_pretext_checkpoint(config, workdir)
-  from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
-
-  encoder = pretrain.load_pretext_encoder(path, config)
-  return encoder, path
+def jit_readout(fn, graphdef):
+  """`(state, batch) -> fn(module, batch)` jitted, for evaluation metrics and images (the state is not changed)."""
+  return jax.jit(lambda state, batch: fn(nnx.merge(graphdef, state), batch))
 
 
 # ------------------------------------------------------------------------------------------------ main loop
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains one phase's dual-path GAN in `workdir`.
+def train_and_evaluate(config, workdir: str, method=None) -> dict:
+  """Trains `config`'s method in `workdir` (the data and any pretext checkpoint must already exist).
+
+  Args:
+    config: the full config; `methods.create(config)` picks the method.
+    workdir: checkpoints and TensorBoard logs go here; a rerun resumes from its newest readable checkpoint.
+    method: a method object to use instead (e.g. pretext pretraining on given sources).
 
   Returns:
     {"step": last step, "train": mean training metrics of the last logging interval, "eval": the last validation
-    metrics, "state": the final nnx state of (generators, discriminator, optimisers) on the host}.
+    metrics, "state": the method's final nnx state on the host, "steps_per_second": after compilation}, plus
+    whatever the method's `finish` adds.
   """
-  validate_config(config)
+  method = method or methods.create(config)
+  method.validate()
+  loop = method.loop_settings()
   os.makedirs(workdir, exist_ok=True)
 
   # ---- data
-  data_dir = embedded.ensure_dataset(config, workdir)
-  train_source = input_pipeline.load_source(data_dir, config.phase, "train")
-  val_source = input_pipeline.load_source(data_dir, config.phase, "validation")
+  train_source, val_source = method.sources(config.data.dir)
   mesh = sharding.make_mesh()
-  local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_source), config.train.batch_size)
-  total_steps = num_train_steps(config, steps_per_epoch)
-  train_ds = input_pipeline.train_dataset(train_source, config, local_batch)
-  logging.info("%d training pairs, %d validation pairs, %d steps/epoch, %d steps", len(train_source),
-               len(val_source), steps_per_epoch, total_steps)
+  local_batch = sharding.check_batch_size(loop.batch_size, mesh)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_source), loop.batch_size)
+  total_steps = loop.total_steps(steps_per_epoch)
+  train_ds = input_pipeline.train_dataset(train_source, method.train_example, local_batch, loop.shuffle_seed,
+                                          method.augment if method.augments else None)
+  logging.info("%s: %d training and %d validation examples, %d steps/epoch, %d steps", method.name,
+               len(train_source), len(val_source), steps_per_epoch, total_steps)
 
-  # ---- networks, optimisers, frozen perceptual encoder
-  objects, (g_lr, d_lr) = build_networks(config, steps_per_epoch)
-  encoder, pretext_path = load_perceptual_encoder(config, workdir)
-  if encoder is not None and config.perceptual.init_generator:
-    from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
-
-    gens = objects[0]
-    pretrain.init_generator_from_pretext(gens.global_net, pretext_path)
-    if gens.local_net is not gens.global_net:
-      pretrain.init_generator_from_pretext(gens.local_net, pretext_path)
-  for obj in objects[:2]:
-    obj.train()
-  graphdef, state = nnx.split(objects)
-  if config.loss.use_perceptual:
-    encoder.eval()
-    encoder_graphdef, encoder_state = nnx.split(encoder)
-  else:
-    encoder_graphdef, encoder_state = None, None
-
-  # ---- shardings: parameters replicated, batch split over 'data'
+  # ---- state (named networks and optimisers), replicated over the mesh
+  graphdef, state = nnx.split(method.create_state(steps_per_epoch))
   state = sharding.replicate(state, mesh)
-  if encoder_state is not None:
-    encoder_state = sharding.replicate(encoder_state, mesh)
-  train_step = jit_train_step(config, graphdef, encoder_graphdef, mesh)
-  eval_step = jax.jit(make_eval_step(config, graphdef, encoder_graphdef))
+  train_step = jit_train_step(method, graphdef, mesh)
+  eval_step = jit_readout(method.eval_step, graphdef)
+  image_step = jit_readout(method.images, graphdef)
 
   # ---- checkpoint restore
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                                       async_save=config.train.async_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=loop.keep_checkpoints,
+                                       async_save=loop.async_checkpoints)
   train_iter = input_pipeline.make_iterator(train_ds, config.input.worker_count)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    state, iter_state = checkpointer.restore(start_step, state)
+  step = 0
+  try:
+    restored = checkpointer.restore_latest(state)
+  except BaseException:
+    checkpointer.close()
+    raise
+  if restored:
+    step, state, iter_state = restored
     train_iter.set_state(iter_state)
-    logging.info("Resumed from step %d", start_step)
+    logging.info("Resumed from step %d", step)
 
   # ---- loop
-  writer = summaries.Writer(workdir, total_steps)
+  writer = summaries.Writer(workdir, total_steps, method.console_keys)
   preempted = ckpt_lib.PreemptionFlag()
-  window = hu.Window.from_config(config.data.window)
   pending = []  # (step, device metrics) since the last host fetch
   last_eval, last_train = {}, {}
-  step = start_step
+  timer = None  # (time, step) after the first step, so that compilation is not counted
   try:
     with jax.set_mesh(mesh):
       while step < total_steps:
         batch = sharding.global_batch(next(train_iter), mesh)
-        state, step_metrics = train_step(state, encoder_state, batch)
+        state, step_metrics = train_step(state, batch)
         step += 1
         pending.append((step, step_metrics))
         writer.tick(step)
+        if timer is None:
+          jax.block_until_ready(step_metrics)
+          timer = (time.perf_counter(), step)
 
         last = step == total_steps
-        if (step % config.train.log_every == 0 or last or step % config.train.checkpoint_every == 0
-            or preempted.is_set()):
-          last_train = _flush_scalars(writer, pending, {"lr_generator": g_lr(step - 1),
-                                                        "lr_discriminator": d_lr(step - 1)})
+        if (step % loop.log_every == 0 or last or step % loop.checkpoint_every == 0 or preempted.is_set()):
+          last_train = _flush_scalars(writer, pending, method.learning_rates(step))
           pending = []
-        if step % config.train.image_every == 0 or last:
-          summaries.write_images(writer, eval_step, state, encoder_state, val_source, config, step, window, mesh)
-        if step % config.train.eval_every == 0 or last:
-          last_eval = evaluate(eval_step, state, encoder_state, val_source, config, mesh)
+        if step % loop.image_every == 0 or last:
+          summaries.write_images(writer, image_step, state, val_source, method.eval_example, step, mesh)
+        if step % loop.eval_every == 0 or last:
+          last_eval = evaluate(eval_step, state, val_source, method.eval_example, loop, mesh)
           writer.scalars(step, {f"eval_{k}": v for k, v in last_eval.items()})
           logging.info("step %d validation: %s", step, _fmt(last_eval))
-        if step % config.train.checkpoint_every == 0 or last or preempted.is_set():
+        if step % loop.checkpoint_every == 0 or last or preempted.is_set():
           checkpointer.save(step, state, train_iter.get_state(), config)
         if preempted.is_set():
           logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume", step)
           break
+      jax.block_until_ready(state)
   finally:
     checkpointer.close()
     writer.close()
     preempted.restore_handler()
-  return {"step": step, "train": last_train, "eval": last_eval, "state": jax.device_get(state)}
-
-
-METRIC_KEYS = ("psnr", "ssim", "mae_hu", "identity_mae_hu")
+  steps_per_second = float("nan")
+  if timer is not None and step > timer[1]:
+    steps_per_second = (step - timer[1]) / (time.perf_counter() - timer[0])
+  result = {"step": step, "train": last_train, "eval": last_eval, "steps_per_second": steps_per_second}
+  host_state = jax.device_get(state)
+  result = method.finish(nnx.merge(graphdef, host_state), workdir, result)
+  result["state"] = host_state
+  return result
 
 
 @jax.jit
-def _metric_sums(out: dict) -> dict:
-  return {k: jnp.sum(out[k]) for k in METRIC_KEYS}
+def _sums(out: dict) -> dict:
+  return {k: jnp.sum(v) for k, v in out.items()}
 
 
-def evaluate(eval_step, state, encoder_state, source, config, mesh) -> dict[str, float]:
-  """Mean PSNR, SSIM and MAE (HU) of the global path over the first `train.eval_examples` validation pairs.
+def evaluate(eval_step, state, source, transform, loop, mesh) -> dict[str, float]:
+  """The method's validation metrics, averaged over the first `loop.eval_examples` validation examples.
 
   Every process feeds its share of each global batch; the sums are taken on the devices, so the means cover all
   processes' examples. Empty when the validation split has fewer examples than devices.
   """
-  available = min(len(source), config.train.eval_examples or len(source))
-  batch_size = sharding.fitting_batch_size(mesh, config.train.eval_batch_size, available)
+  available = min(len(source), loop.eval_examples or len(source))
+  batch_size = sharding.fitting_batch_size(mesh, loop.eval_batch_size, available)
   if not batch_size:
     logging.warning("validation skipped: %d validation examples, fewer than the %d devices", available,
                     mesh.devices.size)
     return {}
-  ds = input_pipeline.eval_dataset(source, config, batch_size // jax.process_count(), config.train.eval_examples)
+  ds = input_pipeline.eval_dataset(source, transform, batch_size // jax.process_count(), loop.eval_examples)
   sums, count = {}, 0
   for batch in ds:
-    out = eval_step(state, None, sharding.global_batch(batch, mesh))
-    for k, v in jax.device_get(_metric_sums(out)).items():
+    out = eval_step(state, sharding.global_batch(batch, mesh))
+    for k, v in jax.device_get(_sums(out)).items():
       sums[k] = sums.get(k, 0.0) + float(v)
     count += batch_size
   return {k: v / max(count, 1) for k, v in sums.items()}
@@ -401,23 +196,3 @@ def _flush_scalars(writer, pending, extra) -> dict[str, float]:
 
 def _fmt(d: dict) -> str:
   return ", ".join(f"{k}={v:.4g}" for k, v in sorted(d.items()))
-
-
-def load_generators(workdir: str, step: int | None = None):
-  """The trained generators of a run (eval mode) and the config stored with its checkpoint.
-
-  Evaluation and inference need only the work directory: the checkpoint carries its config.
-  """
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  config = ckpt_lib.read_config(checkpoint_dir, step)
-  objects, _ = build_networks(config, steps_per_epoch=1)
-  graphdef, state = nnx.split(objects)
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    state, _ = checkpointer.restore(step, state)
-  finally:
-    checkpointer.close()
-  gens = nnx.merge(graphdef, state)[0]
-  gens.eval()
-  return config, gens

@@ -1,0 +1,299 @@
+"""The paper's method: a dual-path conditional GAN with a perceptual loss (sections 3.1-3.3, 4.3.2).
+
+State (`DualPathGANState`): `generators` (the global path's generator, and the local path's when it is not
+shared), `discriminator`, their optimisers `opt_g` and `opt_d`, and the frozen pretext `encoder` of the perceptual
+loss (None without it).
+
+Order of the updates inside one step (pix2pix's order, with a single generator forward pass):
+  1. The generator runs once on the whole image (global path) and on its four quadrants (local path, re-assembled),
+     keeping the VJP of that forward pass.
+  2. The discriminator is updated on real pairs (target 1) and on both paths' virtual images (target 0,
+     weighted 0.6 / 0.4, no gradient to the generator).
+  3. The generator loss of each path (adversarial against the *updated* discriminator + lambda1 * pixel MSE +
+     perceptual) is combined 0.6 / 0.4, differentiated with respect to the virtual images, and pulled back
+     through the saved VJP to the generator parameters: gradients flow through both paths.
+The loss terms and their composition are in `vcect_jax.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from flax import nnx
+
+from vcect_jax import dual_path
+from vcect_jax import hu
+from vcect_jax import input_pipeline
+from vcect_jax import losses
+from vcect_jax import metrics as metrics_lib
+from vcect_jax import models
+from vcect_jax.methods import base
+
+CONTRAST_PHASES = ("arterial", "portal", "delayed")
+
+
+class Generators(nnx.Module):
+  """The generator of each path; `local_net is global_net` unless `dual_path.shared_generator` is False."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    self.global_net = models.Generator(config.model.generator, rngs=rngs)
+    if config.dual_path.enabled and not config.dual_path.shared_generator:
+      self.local_net = models.Generator(config.model.generator, rngs=rngs)
+    else:
+      self.local_net = self.global_net
+
+
+class DualPathGANState(nnx.Module):
+  """Everything the dual-path GAN trains (and the frozen encoder it uses), by name."""
+
+  def __init__(self, generators: Generators, discriminator: models.Discriminator, opt_g: nnx.Optimizer,
+               opt_d: nnx.Optimizer, encoder: models.Encoder | None):
+    self.generators = generators
+    self.discriminator = discriminator
+    self.opt_g = opt_g
+    self.opt_d = opt_d
+    self.encoder = encoder
+
+
+# ------------------------------------------------------------------------------------------------ optimisers
+def learning_rate_schedule(base_lr: float, train_config, steps_per_epoch: int) -> optax.Schedule:
+  """Constant, times `decay_factor` after `decay_epochs` (paper: x0.1 after 40 of 50 epochs).
+
+  With `steps` set, the decay comes at the same fraction of the run (`steps * decay_epochs / epochs`).
+  """
+  t = train_config
+  if t.steps > 0:
+    decay_step = int(round(t.steps * t.decay_epochs / t.epochs))
+  else:
+    decay_step = int(t.decay_epochs * steps_per_epoch)
+  return optax.piecewise_constant_schedule(base_lr, {decay_step: t.decay_factor})
+
+
+def make_optimizer(schedule: optax.Schedule, train_config) -> optax.GradientTransformation:
+  """Adam with coupled L2 weight decay (torch.optim.Adam(weight_decay), as in the paper) or AdamW."""
+  t = train_config
+  if t.weight_decay_mode == "decoupled":
+    return optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+  if t.weight_decay_mode == "l2":
+    return optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(schedule, b1=t.b1, b2=t.b2))
+  raise ValueError(f"train.weight_decay_mode must be 'l2' or 'decoupled', got {t.weight_decay_mode!r}")
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def path_weights(config) -> dict[str, float]:
+  if config.dual_path.enabled:
+    return {"global": config.dual_path.global_weight, "local": config.dual_path.local_weight}
+  return {"global": 1.0}
+
+
+def generate(gens: Generators, pre: jax.Array, paths) -> dict[str, jax.Array]:
+  """The virtual contrast image of each path: global on the whole image, local on re-assembled quadrants."""
+  out = {"global": gens.global_net(pre)}
+  if "local" in paths:
+    out["local"] = dual_path.assemble(gens.local_net(dual_path.quadrants(pre)))
+  return out
+
+
+class DualPathGAN(base.Method):
+  """The paper's dual-path GAN as a method of the shared training loop."""
+
+  name = "dual_path_gan"
+  generator_key = ("generators", "global_net")
+  console_keys = ("g_loss", "d_loss")
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.window = hu.Window.from_config(config.data.window)
+    self.paths = path_weights(config)
+    self.weights = losses.GeneratorWeights.from_config(config.loss)
+    self._schedules = None
+
+  # ---- configuration
+  def validate(self) -> None:
+    config, t = self.config, self.config.train
+    problems = [f"train.{p}" for p in self.loop_settings().check()]
+    if config.phase not in CONTRAST_PHASES:
+      problems.append(f"phase={config.phase!r} must be one of {CONTRAST_PHASES}")
+    if t.weight_decay_mode not in ("l2", "decoupled"):
+      problems.append(f"train.weight_decay_mode={t.weight_decay_mode!r} must be 'l2' or 'decoupled'")
+    for name in ("generator_lr", "discriminator_lr"):
+      if not t[name] > 0:
+        problems.append(f"train.{name}={t[name]} must be > 0")
+    size, div = config.data.image_size, 2 ** len(config.model.generator.widths)
+    if size % div:
+      problems.append(f"data.image_size={size} must be a multiple of {div} (the local path halves it and the "
+                      f"generator needs multiples of {div // 2})")
+    if config.dual_path.enabled and not math.isclose(config.dual_path.global_weight +
+                                                     config.dual_path.local_weight, 1.0):
+      logging.warning("dual_path weights sum to %s, not 1", config.dual_path.global_weight +
+                      config.dual_path.local_weight)
+    if (config.loss.use_perceptual or config.perceptual.init_generator) and not config.perceptual.pretext_checkpoint:
+      problems.append("perceptual.pretext_checkpoint is empty: run through `python -m vcect_jax.main`, which "
+                      "pretrains one, or pretrain with configs/pretrain.py and pass its <workdir>/pretext "
+                      "(or set loss.use_perceptual=False and perceptual.init_generator=False)")
+    if problems:
+      raise ValueError("invalid config: " + "; ".join(problems))
+
+  def loop_settings(self) -> base.LoopSettings:
+    t = self.config.train
+    return base.LoopSettings(
+        batch_size=int(t.batch_size), steps=int(t.steps), epochs=float(t.epochs), log_every=int(t.log_every),
+        eval_every=int(t.eval_every), image_every=int(t.image_every), checkpoint_every=int(t.checkpoint_every),
+        keep_checkpoints=int(t.keep_checkpoints), async_checkpoints=bool(t.async_checkpoints),
+        eval_examples=int(t.eval_examples), eval_batch_size=int(t.eval_batch_size), shuffle_seed=int(self.config.seed))
+
+  # ---- data: records of the configured phase
+  def sources(self, data_dir: str):
+    return (input_pipeline.load_source(data_dir, self.config.phase, "train"),
+            input_pipeline.load_source(data_dir, self.config.phase, "validation"))
+
+  def train_example(self, example):
+    return input_pipeline.to_model_space(example, self.window)
+
+  def eval_example(self, example):
+    return input_pipeline.to_model_space(example, self.window, with_hu=True)
+
+  @property
+  def augments(self) -> bool:
+    return bool(self.config.input.augment.enabled)
+
+  def augment(self, example, rng):
+    aug = self.config.input.augment
+    return input_pipeline.augment(example, rng, aug.flip_lr, aug.max_shift_px)
+
+  # ---- state
+  def _learning_rates(self, steps_per_epoch: int):
+    t = self.config.train
+    return (learning_rate_schedule(t.generator_lr, t, steps_per_epoch),
+            learning_rate_schedule(t.discriminator_lr, t, steps_per_epoch))
+
+  def create_state(self, steps_per_epoch: int) -> DualPathGANState:
+    """Generators, discriminator, optimisers (from `config.seed`), and the frozen pretext encoder if used."""
+    from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
+
+    config = self.config
+    rngs = nnx.Rngs(config.seed)
+    gens = Generators(config, rngs=rngs)
+    disc = models.Discriminator(config.model.discriminator, rngs=rngs)
+    self._schedules = self._learning_rates(steps_per_epoch)
+    g_lr, d_lr = self._schedules
+    opt_g = nnx.Optimizer(gens, make_optimizer(g_lr, config.train), wrt=nnx.Param)
+    opt_d = nnx.Optimizer(disc, make_optimizer(d_lr, config.train), wrt=nnx.Param)
+    path = config.perceptual.pretext_checkpoint
+    if config.perceptual.init_generator:
+      pretrain.init_generator_from_pretext(gens.global_net, path)
+      if gens.local_net is not gens.global_net:
+        pretrain.init_generator_from_pretext(gens.local_net, path)
+    encoder = pretrain.load_pretext_encoder(path, config) if config.loss.use_perceptual else None
+    gens.train()
+    disc.train()
+    return DualPathGANState(gens, disc, opt_g, opt_d, encoder)
+
+  def learning_rates(self, step: int) -> dict[str, float]:
+    g_lr, d_lr = self._schedules
+    return {"lr_generator": float(g_lr(step - 1)), "lr_discriminator": float(d_lr(step - 1))}
+
+  # ---- steps
+  def train_step(self, state: DualPathGANState, batch):
+    config, weights = self.config, self.paths
+    use_d, use_perc = config.loss.use_discriminator, config.loss.use_perceptual
+    gens, disc = state.generators, state.discriminator
+    pre, post = batch["pre"], batch["post"]
+    metrics = {}
+
+    # 1. One generator forward pass over both paths, keeping its VJP.
+    g_def, g_params, g_rest = nnx.split(gens, nnx.Param, ...)
+
+    def forward(params):
+      g = nnx.merge(g_def, params, g_rest, copy=True)
+      return generate(g, pre, weights), nnx.state(g, nnx.BatchStat)
+
+    virtual, pullback, g_stats = jax.vjp(forward, g_params, has_aux=True)
+    nnx.update(gens, g_stats)
+
+    # 2. Discriminator update: real pairs -> 1, virtual pairs of each path -> 0.
+    if use_d:
+      d_def, d_params, d_rest = nnx.split(disc, nnx.Param, ...)
+
+      def d_loss_fn(params):
+        d = nnx.merge(d_def, params, d_rest, copy=True)
+        fake = {p: d(pre, jax.lax.stop_gradient(virtual[p])) for p in weights}
+        loss, terms = losses.discriminator_loss(d(pre, post), fake, weights)
+        return loss, (terms, nnx.state(d, nnx.BatchStat))
+
+      (d_loss, (d_terms, d_stats)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+      nnx.update(disc, d_stats)
+      state.opt_d.update(disc, d_grads)
+      metrics.update(d_terms, d_loss=d_loss)
+      d_now = nnx.split(disc)
+
+    perc_weights = tuple(config.perceptual.weights)
+
+    # 3. Generator loss on the virtual images, against the updated discriminator, pulled back to the params.
+    def g_loss_fn(virtual):
+      terms, totals = {}, {}
+      for path, v in virtual.items():
+        terms[f"g_pixel_{path}"] = losses.pixel_mse(v, post)
+        adv = perc = None
+        if use_d:
+          d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
+          adv = terms[f"g_adv_{path}"] = losses.adversarial(d(pre, v), 1.0)
+        if use_perc:
+          perc, per_block = models.perceptual.perceptual_loss(state.encoder, v, post, perc_weights)
+          terms[f"g_perc_{path}"] = perc
+          for j, block_loss in enumerate(per_block):
+            terms[f"g_perc_{path}_block{j + 1}"] = block_loss
+        totals[path] = terms[f"g_total_{path}"] = losses.generator_path_loss(
+            self.weights, terms[f"g_pixel_{path}"], adv, perc)
+      return losses.dual_path_loss(totals, weights), terms
+
+    (g_loss, g_terms), d_virtual = jax.value_and_grad(g_loss_fn, has_aux=True)(virtual)
+    (g_grads,) = pullback(d_virtual)
+    state.opt_g.update(gens, g_grads)
+    metrics.update(g_terms, g_loss=g_loss)
+    return metrics
+
+  def _virtual(self, state: DualPathGANState, pre):
+    """The global path's virtual image with running statistics, leaving the state's train mode alone."""
+    return state.generators.global_net(pre, use_running_average=True)
+
+  def eval_step(self, state: DualPathGANState, batch):
+    """Per-image PSNR and SSIM (unit window), MAE in HU inside the body, and the identity baseline's MAE."""
+    window = self.window
+    virtual = self._virtual(state, batch["pre"])
+    virtual_unit = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
+    real_unit = hu.model_to_unit(batch["post"][..., 0])
+    virtual_hu = hu.model_to_hu(virtual[..., 0], window)
+    return {
+        "psnr": metrics_lib.batch_psnr(virtual_unit, real_unit),
+        "ssim": metrics_lib.batch_ssim(virtual_unit, real_unit),
+        "mae_hu": metrics_lib.batch_mae_hu(virtual_hu, batch["post_hu"], batch["body_mask"], window.low,
+                                           window.high),
+        "identity_mae_hu": metrics_lib.batch_mae_hu(batch["pre_hu"], batch["post_hu"], batch["body_mask"],
+                                                    window.low, window.high),
+    }
+
+  def images(self, state: DualPathGANState, batch):
+    """Non-contrast | virtual | real | |virtual - real| on the training window; perceptual heatmaps."""
+    virtual = self._virtual(state, batch["pre"])
+    pre = hu.model_to_unit(batch["pre"][..., 1])
+    v = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
+    real = hu.model_to_unit(batch["post"][..., 0])
+    out = {"pre_virtual_real_absdiff": jnp.concatenate([pre, v, real, jnp.abs(v - real)], axis=2)[..., None]}
+    if state.encoder is not None:
+      heat = models.perceptual.heatmaps(state.encoder, virtual, batch["post"])  # (B, H, W, 4)
+      heat = heat / jnp.maximum(heat.max(axis=(1, 2), keepdims=True), 1e-12)
+      out["perceptual_heatmaps"] = jnp.concatenate(list(jnp.moveaxis(heat, -1, 0)), axis=2)[..., None]
+    return out
+
+  # ---- the generator
+  def generator(self, state: DualPathGANState) -> nnx.Module:
+    return state.generators.global_net
+
+  def build_generator(self) -> nnx.Module:
+    return models.Generator(self.config.model.generator, rngs=nnx.Rngs(0))
+
