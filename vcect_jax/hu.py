@@ -7,16 +7,29 @@ Value spaces:
   * HU: Hounsfield units as stored in the records (int16) and written by inference.
   * unit: the window mapped linearly to [0, 1] (HU level - width/2 -> 0, level + width/2 -> 1).
   * model: unit mapped to [-1, 1], what the networks see and produce.
+
+Back to HU (evaluation and inference share the rule, `keep_input_outside_window`): the model was trained on
+windowed images and knows nothing outside the window, so each output pixel is a blend of the virtual and the input
+value, chosen by the *input* HU `x`, with `low`/`high` the window edges and `m = BLEND_FRACTION * width` (40 HU):
+
+    w(x) = smoothstep((x - low) / m) * smoothstep((high - x) / m),   smoothstep(t) = 3t^2 - 2t^3 on [0, 1]
+    out  = w * virtual + (1 - w) * input
+
+Input pixels outside the window (air, lung, bone, metal, pixel padding) are kept exactly (w = 0), pixels more
+than `m` inside it are fully virtual (w = 1), and the transition is smooth. The virtual value itself is bounded by
+the window, so a virtual vessel is at most `high` HU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
 DEFAULT_LEVEL = 30.0
 DEFAULT_WIDTH = 400.0
+BLEND_FRACTION = 0.1  # width of the blend at each window edge, as a fraction of the window width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,45 @@ def hu_to_model(hu, window: Window = Window(), clip: bool = True):
 def model_to_hu(x, window: Window = Window()):
   """Network space -> HU. The inverse of `hu_to_model` inside the window; it does not clip."""
   return model_to_unit(x) * window.width + window.low
+
+
+def blend_weight(pre_hu, window: Window = Window()) -> np.ndarray:
+  """The weight of the virtual value in the output (module docstring): 0 outside the window, 1 well inside it.
+
+  `(...)` HU -> `(...)` float32 weights; int16 input goes through a table of all 65536 values (fast).
+  """
+  pre_hu = np.asarray(pre_hu)
+  if pre_hu.dtype == np.int16:
+    return _weight_table(window)[pre_hu.view(np.uint16)]
+  return _weight(pre_hu.astype(np.float32), window)
+
+
+def _weight(x: np.ndarray, window: Window) -> np.ndarray:
+  margin = BLEND_FRACTION * window.width
+
+  def smoothstep(t):
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+  return (smoothstep((x - window.low) / margin) * smoothstep((window.high - x) / margin)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_table(window: Window) -> np.ndarray:
+  """The weight of every int16 value, indexed by its bits read as uint16."""
+  return _weight(np.arange(65536, dtype=np.uint16).view(np.int16).astype(np.float32), window)
+
+
+def keep_input_outside_window(virtual_hu: np.ndarray, pre_hu: np.ndarray, window: Window = Window()) -> np.ndarray:
+  """`pre + w(pre) * (clip(virtual, low, high) - pre)` in float32 (module docstring); `virtual_hu` (float32) is
+  overwritten to keep one volume-sized temporary."""
+  virtual_hu = np.asarray(virtual_hu, np.float32)
+  np.clip(virtual_hu, window.low, window.high, out=virtual_hu)
+  pre = np.asarray(pre_hu).astype(np.float32)
+  virtual_hu -= pre
+  virtual_hu *= blend_weight(pre_hu, window)
+  virtual_hu += pre
+  return virtual_hu
 
 
 def _xp(x):

@@ -1,0 +1,206 @@
+"""The paper's Tables 1 and 2 on the phantom: train and evaluate the proposed model and its ablations per phase.
+
+  python -m benchmarks.paper_tables --workdir=workdir/paper_tables [--variant=demo]
+      [--phases=arterial,portal,delayed] [--rows=proposed,no_discriminator,no_perceptual,no_dual_path]
+      [--split=test] [--set train.steps=400 ...] [--dry_run]
+
+For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`) or
+`configs/ablations/<row>.py:<phase>,<variant>`, then evaluates the last checkpoint on `--split` with
+`vcect_jax.evaluate` (which adds the identity baseline: the non-contrast input used as the prediction). Then:
+
+  <workdir>/report/table1.md    per phase: proposed and identity (the paper's Table 1 columns, plus MAE in HU)
+  <workdir>/report/table2.md    per phase: each ablation, proposed and identity (Table 2)
+  <workdir>/report/tables.json  every overall number of every run
+
+Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared),
+`<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
+finished (`done.json`) and evaluates again. `--dry_run` checks the machinery: the smoke variant, 2 steps per run.
+
+The phantom is not the paper's data: its contrast is a deterministic function of labels, its noise synthetic, its
+cases few. Tables from it say whether the method learns the phantom's enhancement and how the ablations order,
+not how it would do on patients; `benchmarks/RESULTS.md` carries the commentary with each recorded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import math
+import os
+import time
+
+ROWS = ("proposed", "no_discriminator", "no_perceptual", "no_dual_path")
+ROW_NAMES = {"proposed": "Proposed", "no_discriminator": "w/o Discr.", "no_perceptual": "w/o Perc.",
+             "no_dual_path": "w/o Dual", "identity": "Identity"}
+PHASES = ("arterial", "portal", "delayed")
+ABBREVIATIONS = {"arterial": "AP", "portal": "PP", "delayed": "DP"}
+COLUMNS = (("paper/psnr", "PSNR ↑", 2), ("paper/ssim", "SSIM ↑", 3), ("paper/mse", "MSE ↓", 0),
+           ("paper/snu", "SNU ↓", 2), ("hu/mae", "MAE (HU) ↓", 1), ("organ/aorta/enhancement_ratio_window",
+                                                                      "aorta ratio ↑", 2))
+# The paper's Table 1 (proposed; real patients, per-slice min-max 8-bit images): for orientation only.
+PAPER_TABLE1 = {"arterial": ("19.09 ± 1.88", "0.63 ± 0.05", "194 ± 19", "0.25 ± 0.09"),
+                "portal": ("19.79 ± 1.17", "0.65 ± 0.05", "226 ± 29", "0.34 ± 0.16"),
+                "delayed": ("17.23 ± 1.59", "0.65 ± 0.05", "244 ± 22", "0.46 ± 0.14")}
+
+
+def row_config(row: str, phase: str, variant: str):
+  """The config of one table row: the phase config, or an ablation of it."""
+  if row == "proposed":
+    return importlib.import_module(f"configs.{phase}").get_config(variant or None)
+  from configs import ablations  # pylint: disable=g-import-not-at-top
+
+  return ablations.get_config(row, f"{phase},{variant}")
+
+
+def _override(config, assignments: list[str]) -> None:
+  for item in assignments:
+    field, value = item.split("=", 1)
+    *sections, name = field.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    try:
+      target[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      target[name] = value
+
+
+def shared_inputs(args) -> tuple[str, str]:
+  """(data.dir, pretext checkpoint) made once under the work directory for every run."""
+  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  config = row_config("proposed", args.phases[0], args.variant)
+  _override(config, args.set)
+  config = runtime.prepare_inputs(config, args.workdir)
+  return config.data.dir, config.perceptual.pretext_checkpoint
+
+
+def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
+  """Trains (unless done) and evaluates one row of one phase; returns the evaluation's overall numbers."""
+  from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from vcect_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = row_config(row, phase, args.variant)
+  _override(config, args.set)
+  config.data.dir = data_dir
+  config.perceptual.pretext_checkpoint = pretext
+  run_dir = os.path.join(args.workdir, phase, row)
+  done = os.path.join(run_dir, "done.json")
+  timings = {}
+  if not os.path.exists(done):
+    start = time.time()
+    train.train_and_evaluate(config, run_dir)
+    timings["train_s"] = time.time() - start
+    with open(done, "w") as f:
+      json.dump(timings, f)
+  config.mode = "eval"
+  config.eval.checkpoint = run_dir
+  config.eval.split = args.split
+  config.eval.report_dir = os.path.join(run_dir, "report")
+  start = time.time()
+  result = evaluate.run(config, run_dir)
+  timings["eval_s"] = time.time() - start
+  return {"overall": result["overall"], "cases": result["cases"], "step": result["step"], "timings": timings}
+
+
+def _cell(stats: dict | None, decimals: int) -> str:
+  if not stats or not stats.get("n"):
+    return "–"
+  mean, std = stats["mean"], stats["std"]
+  if math.isinf(mean):
+    return "inf"
+  return f"{mean:.{decimals}f}" if stats["n"] < 2 or math.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def _rows_markdown(phase: str, rows: list[str], results: dict) -> list[str]:
+  lines = []
+  for row in rows:
+    if row not in results[phase]:
+      continue
+    overall = results[phase][row]["overall"]["model"]
+    lines.append(f"| {ROW_NAMES[row]}-{ABBREVIATIONS[phase]} | "
+                 + " | ".join(_cell(overall.get(k), d) for k, _, d in COLUMNS) + " |")
+  any_run = next((r for r in results[phase].values()), None)
+  if any_run:
+    overall = any_run["overall"]["identity"]
+    lines.append(f"| Identity-{ABBREVIATIONS[phase]} | "
+                 + " | ".join(_cell(overall.get(k), d) for k, _, d in COLUMNS) + " |")
+  return lines
+
+
+def write_tables(results: dict, args) -> list[str]:
+  """table1.md, table2.md and tables.json under <workdir>/report."""
+  out_dir = os.path.join(args.workdir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  header = ["| Method | " + " | ".join(t for _, t, _ in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+  cases = {p: next(iter(r.values()))["cases"] for p, r in results.items() if r}
+  setting = (f"Phantom, variant `{args.variant or 'paper'}`, `{args.split}` split "
+             f"({', '.join(f'{p}: {n} cases' for p, n in cases.items())}); mean ± std over cases. Paper-mode "
+             "columns on 8-bit W400/L30 images; MAE in HU inside the body; aorta ratio = enhancement ratio of the "
+             "aorta within the window (1: learned, 0: none). Definitions: vcect_jax/metrics.py.")
+  table1 = ["# Table 1 analogue: proposed model and identity baseline per phase", "", setting, ""] + header
+  for phase in results:
+    table1 += _rows_markdown(phase, ["proposed"], results)
+  table1 += ["", "The paper's Table 1 (proposed; real patients, per-slice min-max 8-bit images), for orientation "
+             "only:", "", "| Phase | PSNR | SSIM | MSE | SNU |", "|---|---|---|---|---|"]
+  table1 += [f"| {ABBREVIATIONS[p]} | " + " | ".join(PAPER_TABLE1[p]) + " |" for p in results]
+  table2 = ["# Table 2 analogue: ablations per phase", "", setting, ""] + header
+  for phase in results:
+    table2 += _rows_markdown(phase, [r for r in ROWS if r != "proposed"] + ["proposed"], results)
+  paths = [os.path.join(out_dir, "table1.md"), os.path.join(out_dir, "table2.md"),
+           os.path.join(out_dir, "tables.json")]
+  for path, lines in zip(paths[:2], (table1, table2)):
+    with open(path, "w") as f:
+      f.write("\n".join(lines) + "\n")
+  from vcect_jax import report  # pylint: disable=g-import-not-at-top
+
+  with open(paths[2], "w") as f:
+    json.dump(report.jsonable({p: {r: {k: v for k, v in run.items()} for r, run in rows.items()}
+                               for p, rows in results.items()}), f, indent=1)
+  return paths
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--variant", default="demo", help="run-size variant of configs/variants.py ('' = paper)")
+  parser.add_argument("--phases", default=",".join(PHASES))
+  parser.add_argument("--rows", default=",".join(ROWS))
+  parser.add_argument("--split", default="test")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override for every run, e.g. --set train.steps=400 (repeatable)")
+  parser.add_argument("--dry_run", action="store_true", help="smoke variant, 2 steps per run: machinery only")
+  args = parser.parse_args()
+  args.phases = [p for p in args.phases.split(",") if p]
+  args.rows = [r for r in args.rows.split(",") if r]
+  unknown = sorted(set(args.phases) - set(PHASES)) + sorted(set(args.rows) - set(ROWS))
+  if unknown:
+    parser.error(f"unknown phases or rows: {unknown}; phases {PHASES}, rows {ROWS}")
+  if args.dry_run:
+    args.variant = "smoke"
+    args.set = ["train.steps=2", "train.checkpoint_every=2", "train.eval_every=2", "train.image_every=2",
+                "train.log_every=2"] + args.set
+
+  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  runtime.quiet_library_logs()
+  start = time.time()
+  data_dir, pretext = shared_inputs(args)
+  results = {}
+  for phase in args.phases:
+    results[phase] = {}
+    for row in args.rows:
+      print(f"[{time.time() - start:7.0f} s] {phase} / {row}", flush=True)
+      results[phase][row] = run_one(row, phase, args, data_dir, pretext)
+      mae = results[phase][row]["overall"]
+      print(f"    MAE {mae['model']['hu/mae']['mean']:.1f} HU (identity {mae['identity']['hu/mae']['mean']:.1f}); "
+            f"{results[phase][row]['timings']}", flush=True)
+  for path in write_tables(results, args):
+    print("wrote", path)
+  print(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
