@@ -2,7 +2,7 @@
 
   python -m benchmarks.paper_tables --workdir=workdir/paper_tables [--variant=demo]
       [--phases=arterial,portal,delayed] [--rows=proposed,no_discriminator,no_perceptual,no_dual_path]
-      [--split=test] [--set train.steps=400 ...] [--dry_run]
+      [--split=test] [--folds=5] [--set train.steps=400 ...] [--dry_run]
 
 For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`) or
 `configs/ablations/<row>.py:<phase>,<variant>`, then evaluates the last checkpoint on `--split` with
@@ -15,6 +15,10 @@ For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`
 Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared),
 `<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
 finished (`done.json`) and evaluates again. `--dry_run` checks the machinery: the smoke variant, 2 steps per run.
+
+Cross-validation (paper section 4.3.2): `--folds=K` runs everything once per fold (`data.fold=k`, the phantom
+converted with fold k as the test split) under `<workdir>/fold_<k>/`, then writes the tables of each fold there and
+`<workdir>/report/table1.md`, `table2.md` with mean ± std over the K folds of the per-fold means.
 
 The phantom is not the paper's data: its contrast is a deterministic function of labels, its noise synthetic, its
 cases few. Tables from it say whether the method learns the phantom's enhancement and how the ablations order,
@@ -136,8 +140,12 @@ def write_tables(results: dict, args) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   header = ["| Method | " + " | ".join(t for _, t, _ in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
   cases = {p: next(iter(r.values()))["cases"] for p, r in results.items() if r}
+  if getattr(args, "folds", 0) > 1:
+    spread = f"{args.folds}-fold cross-validation; mean ± std over the folds of each fold's mean over its cases"
+  else:
+    spread = f"{', '.join(f'{p}: {n} cases' for p, n in cases.items())}; mean ± std over cases"
   setting = (f"Phantom, variant `{args.variant or 'paper'}`, `{args.split}` split "
-             f"({', '.join(f'{p}: {n} cases' for p, n in cases.items())}); mean ± std over cases. Paper-mode "
+             f"({spread}). Paper-mode "
              "columns on 8-bit W400/L30 images; MAE in HU inside the body; aorta ratio = enhancement ratio of the "
              "aorta within the window (1: learned, 0: none). Definitions: vcect_jax/metrics.py.")
   table1 = ["# Table 1 analogue: proposed model and identity baseline per phase", "", setting, ""] + header
@@ -171,6 +179,8 @@ def main():
   parser.add_argument("--split", default="test")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override for every run, e.g. --set train.steps=400 (repeatable)")
+  parser.add_argument("--folds", type=int, default=0,
+                      help="K > 1: K-fold cross-validation, every run once per fold; tables of mean ± std over folds")
   parser.add_argument("--dry_run", action="store_true", help="smoke variant, 2 steps per run: machinery only")
   args = parser.parse_args()
   args.phases = [p for p in args.phases.split(",") if p]
@@ -187,6 +197,24 @@ def main():
 
   runtime.quiet_library_logs()
   start = time.time()
+  if args.folds > 1:
+    per_fold = []
+    for fold in range(args.folds):
+      fold_args = argparse.Namespace(**vars(args))
+      fold_args.workdir, fold_args.folds = os.path.join(args.workdir, f"fold_{fold}"), 0
+      fold_args.set = args.set + [f"data.fold={fold}", f"data.num_folds={args.folds}"]
+      print(f"[{time.time() - start:7.0f} s] fold {fold + 1}/{args.folds}", flush=True)
+      per_fold.append(run_tables(fold_args, start))
+    results = across_folds(per_fold)
+  else:
+    results = run_tables(args, start)
+  for path in write_tables(results, args):
+    print("wrote", path)
+  print(f"total {time.time() - start:.0f} s")
+
+
+def run_tables(args, start: float) -> dict:
+  """Trains and evaluates every (phase, row) of `args`; writes the tables under `args.workdir/report`."""
   data_dir, pretext = shared_inputs(args)
   results = {}
   for phase in args.phases:
@@ -197,9 +225,30 @@ def main():
       mae = results[phase][row]["overall"]
       print(f"    MAE {mae['model']['hu/mae']['mean']:.1f} HU (identity {mae['identity']['hu/mae']['mean']:.1f}); "
             f"{results[phase][row]['timings']}", flush=True)
-  for path in write_tables(results, args):
-    print("wrote", path)
-  print(f"total {time.time() - start:.0f} s")
+  write_tables(results, args)
+  return results
+
+
+def across_folds(per_fold: list[dict]) -> dict:
+  """Mean ± std over folds of each fold's mean (n = folds), in the layout `write_tables` reads."""
+  out = {}
+  for phase, rows in per_fold[0].items():
+    out[phase] = {}
+    for row, first in rows.items():
+      overall = {}
+      for who in ("model", "identity"):
+        overall[who] = {}
+        for key in first["overall"][who]:
+          means = [f[phase][row]["overall"][who].get(key, {}).get("mean") for f in per_fold]
+          means = [m for m in means if m is not None and not math.isnan(m)]
+          if means:
+            overall[who][key] = {"mean": float(sum(means) / len(means)), "n": len(means),
+                                 "std": float(math.sqrt(sum((m - sum(means) / len(means)) ** 2 for m in means)
+                                                        / max(len(means) - 1, 1))) if len(means) > 1 else
+                                 float("nan")}
+      out[phase][row] = {"overall": overall, "cases": f"{len(per_fold)} folds",
+                         "step": first["step"], "timings": [f[phase][row]["timings"] for f in per_fold]}
+  return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 256
   # CT window applied at training time (paper section 4.2: W400/L30, i.e. HU -170..230).
   data.window = ml_collections.ConfigDict({"level": 30.0, "width": 400.0})
+  # Cross-validation (paper section 4.3.2: 5-fold for hyper-parameter selection): fold k of `num_folds` is the test
+  # split, the rest train/validation. -1: the split fractions instead. With `data.dir` empty the phantom is
+  # converted per fold (`<workdir>/data/converted_fold<k>`); a given `data.dir` must have been converted with
+  # `python -m data_prep.convert --fold=k --num_folds=N`.
+  data.fold = -1
+  data.num_folds = 5
   # Phantom used when `data.dir` is empty.
   data.phantom = ml_collections.ConfigDict({
       "cases": 10,            # number of synthetic cases (about one in five is excluded for large motion)

@@ -5,9 +5,10 @@ its records have `config.data.image_size` pixels), else the embedded default: th
 (`config.data.phantom`) generated as DICOM studies and converted to records under `<workdir>/data`, once; later
 runs in the same work directory reuse it while the phantom settings and the image size are unchanged.
 
-Layout of `<workdir>/data`: `dicom/` (the phantom studies and `preview.png`), `converted/` (the records and
-`manifest.json`, what `data.dir` would name), `phantom.hmac_key` (fixed by the phantom seed, so that case ids and
-splits are reproducible) and `settings.json` (the settings the dataset was made with).
+Layout of `<workdir>/data`: `dicom/` (the phantom studies and `preview.png`; `phantom_settings.json` says what
+they were made with), `converted/` (the records and `manifest.json`, what `data.dir` would name; per
+cross-validation fold k `converted_fold<k>/`), `phantom.hmac_key` (fixed by the phantom seed, so that case ids and
+splits are reproducible) and `settings.json` (`settings_fold<k>.json`: the settings the records were made with).
 """
 
 from __future__ import annotations
@@ -29,7 +30,25 @@ MANIFEST = "manifest.json"
 def phantom_settings(config) -> dict:
   """The settings that decide the embedded dataset, as they read back from JSON (tuples become lists)."""
   settings = {"phantom": config.data.phantom.to_dict(), "image_size": int(config.data.image_size)}
+  if fold_of(config) is not None:
+    settings.update(fold=fold_of(config), num_folds=int(config.data.num_folds))
   return json.loads(json.dumps(settings))
+
+
+def fold_of(config) -> int | None:
+  """The cross-validation fold the config asks for (`data.fold`, -1 or absent: none)."""
+  fold = int(config.data.get("fold", -1))
+  if fold < 0:
+    return None
+  if fold >= int(config.data.num_folds):
+    raise ValueError(f"config.data.fold={fold} must be below config.data.num_folds={config.data.num_folds}")
+  return fold
+
+
+def converted_name(config) -> str:
+  """`converted`, or `converted_fold<k>` for cross-validation fold k (the phantom's DICOM is shared)."""
+  fold = fold_of(config)
+  return "converted" if fold is None else f"converted_fold{fold}"
 
 
 def dataset_image_size(data_dir: str, phase: str) -> int | None:
@@ -61,6 +80,14 @@ def check_dataset(config) -> str:
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"config.data.dir={data_dir!r} does not exist: give the --output folder of "
                             "`python -m data_prep.convert`, or leave it empty for the embedded phantom")
+  fold = fold_of(config)
+  if fold is not None:
+    with open(os.path.join(data_dir, MANIFEST)) as f:
+      have = json.load(f).get("settings", {}).get("fold")
+    if have != fold:
+      raise ValueError(f"config.data.fold={fold} but config.data.dir={data_dir!r} was converted with fold={have}: "
+                       f"convert with `python -m data_prep.convert --fold={fold} --num_folds={config.data.num_folds}`"
+                       " into its own folder and point data.dir there")
   size, wanted = dataset_image_size(data_dir, config.phase), int(config.data.image_size)
   if size is not None and size != wanted:
     raise ValueError(f"config.data.dir={data_dir!r} holds {size} px records but config.data.image_size={wanted}: "
@@ -79,8 +106,8 @@ def ensure_dataset(config, workdir: str) -> str:
   if config.data.dir:
     return check_dataset(config)
   root = os.path.join(workdir, DATA_SUBDIR)
-  converted = os.path.join(root, "converted")
-  stamp = os.path.join(root, "settings.json")
+  converted = os.path.join(root, converted_name(config))
+  stamp = os.path.join(root, "settings.json" if fold_of(config) is None else f"settings_fold{fold_of(config)}.json")
   settings = phantom_settings(config)
   if os.path.exists(stamp) and os.path.exists(os.path.join(converted, MANIFEST)):
     with open(stamp) as f:
@@ -92,14 +119,25 @@ def ensure_dataset(config, workdir: str) -> str:
 
   p = config.data.phantom
   dicom_dir = os.path.join(root, "dicom")
-  for d in (dicom_dir, converted):
-    shutil.rmtree(d, ignore_errors=True)
+  dicom_stamp = os.path.join(root, "phantom_settings.json")
+  dicom_settings = json.loads(json.dumps(p.to_dict()))
+  shutil.rmtree(converted, ignore_errors=True)
   if os.path.exists(stamp):
     os.remove(stamp)
   os.makedirs(root, exist_ok=True)
-  log.info("No data.dir: generating %d phantom cases in %s", p.cases, dicom_dir)
-  phantom.generate(dicom_dir, cases=int(p.cases), seed=int(p.seed), size=int(p.size), slices=int(p.slices),
-                   slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True)
+  reuse_dicom = False
+  if os.path.exists(dicom_stamp):
+    with open(dicom_stamp) as f:
+      reuse_dicom = json.load(f) == dicom_settings
+  if reuse_dicom:
+    log.info("Reusing the phantom studies in %s", dicom_dir)
+  else:
+    shutil.rmtree(dicom_dir, ignore_errors=True)
+    log.info("No data.dir: generating %d phantom cases in %s", p.cases, dicom_dir)
+    phantom.generate(dicom_dir, cases=int(p.cases), seed=int(p.seed), size=int(p.size), slices=int(p.slices),
+                     slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True)
+    with open(dicom_stamp, "w") as f:
+      json.dump(dicom_settings, f)
   log.info("Converting the phantom to records in %s", converted)
   # The phantom's pseudonymisation key is fixed by its seed, so that its case ids and splits are reproducible.
   key_file = os.path.join(root, "phantom.hmac_key")
@@ -107,7 +145,8 @@ def ensure_dataset(config, workdir: str) -> str:
     f.write(hashlib.sha256(f"vcect-phantom-{p.seed}".encode()).digest())
   convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                image_size=int(config.data.image_size), key_file=key_file,
-                               split_fractions=tuple(p.split_fractions), split_method="rank"))
+                               split_fractions=tuple(p.split_fractions), split_method="rank",
+                               fold=fold_of(config), num_folds=int(config.data.get("num_folds", 5))))
   with open(stamp, "w") as f:
     json.dump(settings, f)
   return _checked(converted, config)

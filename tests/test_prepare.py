@@ -82,3 +82,24 @@ def test_missing_data_dir_is_an_error(tmp_path):
   config.data.dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="data_prep.convert"):
     prepare.ensure_dataset(config, str(tmp_path))
+
+
+def test_cross_validation_folds_share_the_studies_and_deal_every_case_to_one_test_fold(tmp_path):
+  """data.fold=k converts the phantom with fold k as the test split; over the folds every case is tested once."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  tested = []
+  for fold in range(3):
+    config = _config()
+    config.data.fold, config.data.num_folds = fold, 3
+    data_dir = prepare.ensure_dataset(config, str(tmp_path))
+    assert data_dir.endswith(f"converted_fold{fold}")
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+      manifest = json.load(f)
+    splits = manifest["phases"]["arterial"]["splits"]
+    assert splits["test"]["cases"] and splits["train"]["cases"] and splits["validation"]["cases"]
+    tested += [c["case_id"] for c in manifest["phases"]["arterial"]["cases"].values() if c["split"] == "test"]
+  converted = len(manifest["phases"]["arterial"]["cases"])
+  assert len(tested) == len(set(tested)) == converted >= 3
+  with open(os.path.join(tmp_path, "data", "phantom_settings.json")) as f:
+    assert json.load(f)["cases"] == _config().data.phantom.cases

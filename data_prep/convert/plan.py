@@ -120,11 +120,15 @@ def balance_splits(cases: list[CasePlan], settings: Settings) -> None:
 
   Hash splits are stable as a dataset grows, but on a handful of patients they can leave a split empty. Each empty
   split then takes, from the split with the most patients, the patient whose hash fraction lies nearest to the
-  empty split's interval. Deterministic for a given set of patients; a no-op for k-fold splits.
+  empty split's interval. Deterministic for a given set of patients. K-fold splits are left as hashed, except
+  with `split_method='rank'`, where the folds are dealt round-robin in hash order (every fold gets a test patient
+  once there are `num_folds` patients).
   """
-  if settings.fold is not None:
-    return
   names = ("train", "validation", "test")
+  if settings.fold is not None:
+    if settings.split_method == "rank":
+      _rank_folds(cases, settings, names)
+    return
   if settings.split_method == "rank":
     _rank_splits(cases, settings, names)
     return
@@ -160,6 +164,20 @@ def _rank_splits(cases: list[CasePlan], settings: Settings, names) -> None:
   n_train = max(n - n_val - n_test, 0)
   split_of = {cid: names[0] if i < n_train else names[1] if i < n_train + n_val else names[2]
               for i, cid in enumerate(ids)}
+  for c in cases:
+    c.split = split_of[c.case_id]
+
+
+def _rank_folds(cases: list[CasePlan], settings: Settings, names) -> None:
+  """K-fold by rank: patient i (in hash order) is in fold i mod K; fold `settings.fold` is the test split, and the
+  rest is cut train / validation in the proportion of the split fractions (at least one validation patient)."""
+  ids = sorted({c.case_id for c in cases}, key=lambda cid: (privacy.split_fraction(cid, settings.split_seed), cid))
+  test = [cid for i, cid in enumerate(ids) if i % settings.num_folds == settings.fold]
+  rest = [cid for cid in ids if cid not in test]
+  f_train, f_val, _ = settings.split_fractions
+  n_val = min(len(rest) - 1, max(1, round(f_val / max(f_train + f_val, 1e-9) * len(rest)))) if len(rest) > 1 else 0
+  split_of = {cid: names[2] for cid in test}
+  split_of.update({cid: names[1] if i < n_val else names[0] for i, cid in enumerate(rest)})
   for c in cases:
     c.split = split_of[c.case_id]
 
