@@ -225,7 +225,7 @@ def run_tables(args, start: float) -> dict:
       mae = results[phase][row]["overall"]
       print(f"    MAE {mae['model']['hu/mae']['mean']:.1f} HU (identity {mae['identity']['hu/mae']['mean']:.1f}); "
             f"{results[phase][row]['timings']}", flush=True)
-  write_tables(results, args)
+    write_tables(results, args)  # after every phase, so that a long run shows its tables as it goes
   return results
 
 
