@@ -1,14 +1,17 @@
-"""The paper's Tables 1 and 2 on the phantom: train and evaluate the proposed model and its ablations per phase.
+"""The paper's Tables 1 and 2 on the phantom: train and evaluate the proposed model, its ablations and the baselines.
 
   python -m benchmarks.paper_tables --workdir=workdir/paper_tables [--variant=demo]
-      [--phases=arterial,portal,delayed] [--rows=proposed,no_discriminator,no_perceptual,no_dual_path]
+      [--phases=arterial,portal,delayed]
+      [--rows=proposed,no_discriminator,no_perceptual,no_dual_path,pix2pix,cyclegan,cut]
       [--split=test] [--folds=5] [--set train.steps=400 ...] [--dry_run]
 
-For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`) or
-`configs/ablations/<row>.py:<phase>,<variant>`, then evaluates the last checkpoint on `--split` with
+For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`),
+`configs/ablations/<row>.py:<phase>,<variant>` (the ablations) or `configs/baselines/<row>.py:<phase>,<variant>`
+(the baselines pix2pix, CycleGAN and CUT), then evaluates the last checkpoint on `--split` with
 `vcect_jax.evaluate` (which adds the identity baseline: the non-contrast input used as the prediction). Then:
 
-  <workdir>/report/table1.md    per phase: proposed and identity (the paper's Table 1 columns, plus MAE in HU)
+  <workdir>/report/table1.md    per phase: proposed, the baselines and identity (the paper's Table 1 columns, plus
+                                MAE in HU)
   <workdir>/report/table2.md    per phase: each ablation, proposed and identity (Table 2)
   <workdir>/report/tables.json  every overall number of every run
 
@@ -35,9 +38,12 @@ import math
 import os
 import time
 
-ROWS = ("proposed", "no_discriminator", "no_perceptual", "no_dual_path")
+ABLATION_ROWS = ("no_discriminator", "no_perceptual", "no_dual_path")
+BASELINE_ROWS = ("pix2pix", "cyclegan", "cut")  # configs/baselines/, Table 1 only
+ROWS = ("proposed",) + ABLATION_ROWS + BASELINE_ROWS
 ROW_NAMES = {"proposed": "Proposed", "no_discriminator": "w/o Discr.", "no_perceptual": "w/o Perc.",
-             "no_dual_path": "w/o Dual", "identity": "Identity"}
+             "no_dual_path": "w/o Dual", "pix2pix": "pix2pix", "cyclegan": "CycleGAN", "cut": "CUT",
+             "identity": "Identity"}
 PHASES = ("arterial", "portal", "delayed")
 ABBREVIATIONS = {"arterial": "AP", "portal": "PP", "delayed": "DP"}
 COLUMNS = (("paper/psnr", "PSNR ↑", 2), ("paper/ssim", "SSIM ↑", 3), ("paper/mse", "MSE ↓", 0),
@@ -50,9 +56,11 @@ PAPER_TABLE1 = {"arterial": ("19.09 ± 1.88", "0.63 ± 0.05", "194 ± 19", "0.25
 
 
 def row_config(row: str, phase: str, variant: str):
-  """The config of one table row: the phase config, or an ablation of it."""
+  """The config of one table row: the phase config, an ablation of it, or a baseline on its data."""
   if row == "proposed":
     return importlib.import_module(f"configs.{phase}").get_config(variant or None)
+  if row in BASELINE_ROWS:
+    return importlib.import_module(f"configs.baselines.{row}").get_config(f"{phase},{variant}")
   from configs import ablations  # pylint: disable=g-import-not-at-top
 
   return ablations.get_config(row, f"{phase},{variant}")
@@ -148,15 +156,15 @@ def write_tables(results: dict, args) -> list[str]:
              f"({spread}). Paper-mode "
              "columns on 8-bit W400/L30 images; MAE in HU inside the body; aorta ratio = enhancement ratio of the "
              "aorta within the window (1: learned, 0: none). Definitions: vcect_jax/metrics.py.")
-  table1 = ["# Table 1 analogue: proposed model and identity baseline per phase", "", setting, ""] + header
+  table1 = ["# Table 1 analogue: proposed model, baselines and identity per phase", "", setting, ""] + header
   for phase in results:
-    table1 += _rows_markdown(phase, ["proposed"], results)
+    table1 += _rows_markdown(phase, ["proposed", *BASELINE_ROWS], results)
   table1 += ["", "The paper's Table 1 (proposed; real patients, per-slice min-max 8-bit images), for orientation "
              "only:", "", "| Phase | PSNR | SSIM | MSE | SNU |", "|---|---|---|---|---|"]
   table1 += [f"| {ABBREVIATIONS[p]} | " + " | ".join(PAPER_TABLE1[p]) + " |" for p in results]
   table2 = ["# Table 2 analogue: ablations per phase", "", setting, ""] + header
   for phase in results:
-    table2 += _rows_markdown(phase, [r for r in ROWS if r != "proposed"] + ["proposed"], results)
+    table2 += _rows_markdown(phase, list(ABLATION_ROWS) + ["proposed"], results)
   paths = [os.path.join(out_dir, "table1.md"), os.path.join(out_dir, "table2.md"),
            os.path.join(out_dir, "tables.json")]
   for path, lines in zip(paths[:2], (table1, table2)):

@@ -15,8 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'prepare' (only the data step: the embedded phantom when `data.dir` is empty), 'eval' (evaluate a checkpoint,
   # section `eval`).
   config.mode = "train"
-  # The training method (vcect_jax/methods): 'dual_path_gan' (the paper's model). Pretext pretraining is the
-  # method 'pretext', chosen by mode='pretrain'.
+  # The training method (vcect_jax/methods): 'dual_path_gan' (the paper's model), or the baselines 'pix2pix',
+  # 'cyclegan', 'cut' (configs/baselines/). Pretext pretraining is the method 'pretext', chosen by mode='pretrain'.
   config.method = "dual_path_gan"
   # Contrast phase to synthesise: 'arterial', 'portal' or 'delayed'.
   config.phase = "arterial"

@@ -13,6 +13,9 @@ Training order is a pure function of (seed, step): the dataset is a random-acces
 new permutation each epoch, so the iterator's state is an index that goes into the checkpoint and a resumed run
 sees exactly the batches it would have seen. With several processes (multi-host), each reads only its share of
 every global batch, and the global batches are the same as those of a single-process run.
+
+Unpaired methods (CycleGAN, CUT) train on `UnpairedSource(source, seed)`: each `pre` with the `post` of another,
+randomly chosen slice.
 """
 
 from __future__ import annotations
@@ -126,3 +129,33 @@ def make_iterator(ds: grain.MapDataset, worker_count: int = 0):
 
 def steps_per_epoch(num_train_examples: int, global_batch: int) -> int:
   return max(1, num_train_examples // global_batch)
+
+
+class UnpairedSource:
+  """A random-access source for unpaired training (CycleGAN, CUT): example i is the non-contrast `pre` of slice i
+  with the contrast `post` of slice `partner[i]`, where `partner` is a random permutation drawn from `seed`.
+
+  The pairing is a pure function of (source, seed), so the grain iterator over it stays an index that goes into
+  the checkpoint. Every `post` appears exactly once per epoch (the target distribution is the data's), and which
+  `post` comes with a `pre` is independent of that `pre`'s slice and case: a slice meets its own contrast image
+  only by chance (1 / len(source)). The pairs are drawn once per run (the epoch shuffle reorders them), where the
+  references draw a new partner at every access; with per-image losses (instance norm, batch 1) this only changes
+  which images share a batch. The pre-side fields (`body_mask`, `labels`, `case_id`, ...) are slice i's;
+  `post_case_id` and `post_slice_index` name where the `post` came from.
+  """
+
+  def __init__(self, source, seed: int):
+    self.source = source
+    self.partner = np.random.default_rng(seed).permutation(len(source))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    example = dict(self.source[index])
+    other = self.source[int(self.partner[index])]
+    example["post"] = other["post"]
+    example["post_case_id"] = other.get("case_id", b"")
+    example["post_slice_index"] = other.get("slice_index", -1)
+    return example

@@ -7,6 +7,7 @@ Generator, per path (eq. 3): adversarial_weight * adversarial (the same two term
   encoder's last four blocks.
 Dual path (eq. 4): 0.6 * global + 0.4 * local.
 Pretext (eq. 2): softmax cross-entropy over the intensity levels.
+Baselines (pix2pix, CycleGAN, CUT): L1 and PatchNCE, at the end of the file.
 
 Training steps call these and nothing else, so a method's objective reads in one place.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -90,3 +92,32 @@ def generator_path_loss(weights: GeneratorWeights, pixel: jnp.ndarray, adversari
 def dual_path_loss(path_totals: dict[str, jnp.ndarray], path_weights: dict[str, float]) -> jnp.ndarray:
   """Eq. 4: lambda2 * global + lambda3 * local (or the global path alone without the dual path)."""
   return weighted_sum(path_totals, path_weights)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+# The image-to-image translation baselines (vcect_jax/methods: pix2pix, cyclegan, cut) compose these with
+# `bce_with_logits` (pix2pix's vanilla GAN) and `least_squares` (LSGAN) above.
+def mean_absolute_error(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """L1 loss: pix2pix's reconstruction term, CycleGAN's cycle and identity terms."""
+  return jnp.mean(jnp.abs(a - b))
+
+
+def patch_nce(query: jnp.ndarray, key: jnp.ndarray, temperature: float = 0.07) -> jnp.ndarray:
+  """CUT's PatchNCE: each query patch must pick its own key patch among the image's other patches.
+
+  Args:
+    query: `(B, P, D)` unit vectors of P patches of the translated image (gradients flow).
+    key: `(B, P, D)` unit vectors of the same positions in the source image (no gradient).
+    temperature: tau (CUT: 0.07).
+
+  Returns:
+    `(B, P)` cross-entropy per query patch: logits (q.k+, q.k- over the same image's other P - 1 patches, the
+    diagonal set to -10 before the temperature, as in CUT) divided by tau, the positive as class 0.
+  """
+  key = jax.lax.stop_gradient(key)
+  positive = jnp.sum(query * key, axis=-1, keepdims=True)               # (B, P, 1)
+  negative = jnp.einsum("bpd,bqd->bpq", query, key)                      # (B, P, P)
+  eye = jnp.eye(query.shape[1], dtype=bool)
+  negative = jnp.where(eye, -10.0, negative)
+  logits = jnp.concatenate([positive, negative], axis=-1) / temperature
+  return -jax.nn.log_softmax(logits, axis=-1)[..., 0]

@@ -15,6 +15,9 @@ from vcect_jax.methods import base
 REGISTRY = {
     "dual_path_gan": "vcect_jax.methods.dual_path_gan:DualPathGAN",
     "pretext": "vcect_jax.methods.pretext:Pretext",
+    "pix2pix": "vcect_jax.methods.pix2pix:Pix2Pix",
+    "cyclegan": "vcect_jax.methods.cyclegan:CycleGAN",
+    "cut": "vcect_jax.methods.cut:CUT",
 }
 
 
