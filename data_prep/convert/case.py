@@ -17,6 +17,7 @@ from data_prep import align
 from data_prep import dicom_io
 from data_prep import phases as phases_lib
 from data_prep import records
+from data_prep import register
 from data_prep import slices
 from data_prep.convert.plan import CasePlan
 from data_prep.convert.plan import Settings
@@ -136,15 +137,34 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
     offset, z_score = align.estimate_z_offset(pre.hu, pre_z, post.hu, post_z, search_mm=settings.z_search_mm)
   else:
     offset, z_score = 0.0, float("nan")
-  pairs = align.pair_slices(pre_z, post_z, offset)
   n = len(pre.hu)
-  serialized, excluded, shifts, mis, eccs, worst = [], [], [], [], [], []
+  serialized, excluded, shifts, mis, eccs, worst, residuals = [], [], [], [], [], [], []
+  options = settings.registration_options()
+  if settings.align and not options.is_paper:
+    pairs = _registered_pairs(context, post, offset, options)
+  else:
+    pairs = align.pair_slices(pre_z, post_z, offset)
   for i, j in enumerate(pairs):
     where = {"case_id": plan.case_id, "slice_index": i, "table_z_mm": round(float(pre_z[i]), 3)}
-    if j is None:
+    if isinstance(j, register.SlicePair):
+      # Options beyond the paper (data_prep/register.py): the 6 px rule tests the residual after registration.
+      if j.excluded is not None:
+        excluded.append({**where, "reason": j.excluded})
+        continue
+      if j.rule_px > settings.max_misalignment_px:
+        what = "misalignment" if np.isnan(j.residual_px) else "residual misalignment after registration"
+        excluded.append({**where, "reason": f"{what} {j.rule_px:.2f} px > {settings.max_misalignment_px:g} px",
+                         "misalignment_px": round(j.rule_px, 3)})
+        continue
+      post_hu, m, cc = j.post_hu, j.misalignment_px, j.ecc_score
+      shifts.append(j.shift_px)
+      worst.append(j.max_displacement_px)
+      if not np.isnan(j.residual_px):
+        residuals.append(j.residual_px)
+    elif j is None:
       excluded.append({**where, "reason": "no contrast slice within half a slice of the corrected table position"})
       continue
-    if settings.align:
+    elif settings.align:
       try:
         result = align.align_slice(pre.hu[i], post.hu[j], context.body_masks[i], ecc_size=settings.ecc_size)
       except align.AlignmentFailed as e:
@@ -181,9 +201,9 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
   if out_path is not None:
     records.write_framed(out_path, serialized)
   shift = np.mean(shifts, axis=0) if shifts else (float("nan"), float("nan"))
-  return {
+  stats = {
       "examples": len(mis),
-      "pairs": sum(j is not None for j in pairs),
+      "pairs": sum(j is not None and getattr(j, "has_partner", True) for j in pairs),
       "z_offset_mm": round(offset, 3),
       "z_score": round(z_score, 4),
       "shift_px_mean": [round(float(v), 3) for v in shift],
@@ -194,3 +214,17 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
       "ecc_score_min": round(float(np.min(eccs)), 4) if eccs else None,
       "excluded_pairs": excluded,
   }
+  if residuals:
+    stats["residual_px_mean"] = round(float(np.mean(residuals)), 3)
+    stats["residual_px_max"] = round(float(np.max(residuals)), 3)
+  return stats
+
+
+def _registered_pairs(context: CaseContext, post: dicom_io.Volume, offset: float,
+                      options: register.Options) -> list[register.SlicePair]:
+  """The contrast volume brought onto the non-contrast grid by `register.align_volume` (through-plane resampling
+  and/or B-spline registration), one `SlicePair` per non-contrast slice."""
+  pre = context.pre
+  result = register.align_volume(pre.hu, pre.geometry.table_z_mm, post.hu, post.geometry.table_z_mm,
+                                 context.body_masks, offset, float(pre.geometry.pixel_spacing_mm[1]), options)
+  return result.pairs

@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None) -> Settings:
                  help="skip the through-plane and ECC alignment (benchmarking only)")
   p.add_argument("--ecc_size", type=int, default=128, help="ECC runs on the body crop downsampled to this size")
   p.add_argument("--z_search_mm", type=float, default=40.0)
+  p.add_argument("--through_plane", choices=("nearest", "resample"), default="nearest",
+                 help="pair each non-contrast slice with the nearest contrast slice (the paper), or resample the "
+                      "contrast volume linearly along z onto the corrected table positions")
+  p.add_argument("--deformable", choices=("none", "bspline", "demons"), default="none",
+                 help="3-D deformable registration (SimpleITK) of each contrast volume onto the non-contrast one "
+                      "after the affine step: bspline (mutual information) or demons (on HU clipped to [-200, 60]); "
+                      "the misalignment rule then tests the residual (benchmarks/RESULTS.md, issue 12: cost, effect)")
   p.add_argument("--verbose", action="store_true")
   a = p.parse_args(argv)
   fractions = tuple(float(x) for x in a.split_fractions.split(","))
@@ -55,7 +62,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                   key_file=a.key_file, split_fractions=fractions, split_seed=a.split_seed,
                   split_method=a.split_method, fold=a.fold,
                   num_folds=a.num_folds, examples_per_shard=a.examples_per_shard, align=a.align,
-                  ecc_size=a.ecc_size, z_search_mm=a.z_search_mm)
+                  ecc_size=a.ecc_size, z_search_mm=a.z_search_mm, through_plane=a.through_plane,
+                  deformable=a.deformable)
 
 
 def main(argv: list[str] | None = None) -> int:

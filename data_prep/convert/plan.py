@@ -47,6 +47,10 @@ class Settings:
   align: bool = True
   ecc_size: int = 128
   z_search_mm: float = 40.0
+  # Alignment options beyond the paper's pipeline (data_prep/register.py, issue 12): 'nearest' | 'resample' along
+  # z, and 'none' | 'bspline' | 'demons' deformable registration after the per-slice affine step.
+  through_plane: str = "nearest"
+  deformable: str = "none"
 
   def fingerprint(self, key: bytes) -> str:
     """Hash of the settings that decide a case's records (and of the key), naming the cache."""
@@ -54,6 +58,9 @@ class Settings:
     for k in ("workers", "output", "file_format", "examples_per_shard", "split_fractions", "split_seed", "fold",
               "num_folds", "key_file"):
       d.pop(k)
+    for k, default in (("through_plane", "nearest"), ("deformable", "none")):
+      if d[k] == default:  # caches made before these options existed keep their names
+        d.pop(k)
     d["rules"] = _file_digest(self.phase_rules) + _file_digest(self.series_csv)
     d["key"] = hashlib.sha256(key).hexdigest()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -69,6 +76,14 @@ class Settings:
       raise ValueError(f"--file_format must be one of {records.FILE_FORMATS}")
     if self.phase_rules and self.series_csv:
       raise ValueError("give --phase_rules or --series_csv, not both")
+    self.registration_options().check()
+    if not self.align and not self.registration_options().is_paper:
+      raise ValueError("--through_plane and --deformable need the alignment: drop --no_align")
+
+  def registration_options(self):
+    """The `data_prep.register.Options` of these settings."""
+    from data_prep import register  # pylint: disable=import-outside-toplevel
+    return register.Options(through_plane=self.through_plane, deformable=self.deformable, ecc_size=self.ecc_size)
 
   def phase_rules_of(self) -> phases_lib.PhaseRules:
     """The phase rules these settings name: a series CSV, a rules file, or the built-in rules."""

@@ -1,0 +1,355 @@
+"""Volume alignment options of the converter beyond the paper's pipeline (issue 12).
+
+The paper's pipeline (`data_prep.align`, the default): the craniocaudal offset of the contrast series is estimated,
+each non-contrast slice is paired with the contrast slice nearest to its corrected table position (within half a
+slice), and the pair is aligned in-plane by affine ECC; pairs whose rigid shift exceeds 6 px are dropped. Two
+options, each chosen by a converter flag and recorded in the manifest's settings:
+
+* ``through_plane='resample'`` (`--through_plane=resample`): instead of the nearest slice, the contrast volume is
+  resampled linearly along z onto the corrected non-contrast table positions, so that a sub-slice offset (up to
+  half a slice, 2.5 mm at 5 mm slices) no longer leaves a through-plane mismatch.
+* ``deformable='bspline'`` or ``'demons'`` (`--deformable=...`): after the per-slice affine step, a 3-D
+  deformable registration (SimpleITK) of the contrast volume onto the non-contrast one inside the body, on volumes
+  downsampled in-plane to about ``deformable_size`` pixels, with few iterations; the transform is then applied to
+  the full-resolution contrast volume. 'bspline': a B-spline transform (control points every ``grid_mm``) under
+  Mattes mutual information; 'demons': fast symmetric-forces demons, its field smoothed by a Gaussian of
+  ``grid_mm / 4``. Both see HU clipped to ``clip_hu`` (-200..60 HU), which flattens the enhancement (an enhanced
+  aorta and its non-contrast self both look like soft tissue), so that contrast does not drive the warp. This
+  undoes the breathing shift of liver, spleen and kidneys (craniocaudal, several mm) and the
+  bowel's local motion, which no in-plane rigid or affine transform can. The 6 px exclusion rule then applies to
+  the residual: the rigid shift that a second ECC pass still finds between the registered and the non-contrast
+  slice.
+
+`align_volume` runs the whole chain on one (non-contrast, contrast) volume pair and can carry other volumes on the
+contrast grid along the same transforms (the phantom's organ masks, for `benchmarks/align_bench.py` and the tests).
+Conventions as in `data_prep.align`: slice 0 is the most cranial, table positions decrease with the slice index,
+and a positive offset means the anatomy is at a higher table position in the contrast series.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import scipy.ndimage
+
+from data_prep import align
+
+THROUGH_PLANE = ("nearest", "resample")
+DEFORMABLE = ("none", "bspline", "demons")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How a contrast volume is brought onto the non-contrast grid (defaults: the paper's pipeline).
+
+  Attributes:
+    through_plane: 'nearest' (the nearest contrast slice within half a slice) or 'resample' (linear along z).
+    deformable: 'none', 'bspline' or 'demons' (3-D, after the per-slice affine step).
+    ecc_size: the affine ECC runs on the body crop downsampled to about this many pixels.
+    deformable_size: the B-spline registration runs on slices downsampled to about this many pixels.
+    grid_mm: B-spline control point spacing (mm), in-plane and along z; demons smooth with sigma grid_mm / 4.
+    iterations: L-BFGS-B iterations per resolution level of the B-spline registration (demons: 5x as many).
+    metric: 'mi' (Mattes mutual information) or 'mse' (mean squares on the clipped HU).
+    clip_hu: the HU range the B-spline metric sees; the top at 60 HU flattens the enhancement (an arterial aorta
+      at 200 HU and its non-contrast 40 HU both look like soft tissue), so that it cannot pull the transform.
+  """
+
+  through_plane: str = "nearest"
+  deformable: str = "none"
+  ecc_size: int = 128
+  deformable_size: int = 48
+  grid_mm: float = 60.0
+  iterations: int = 10
+  metric: str = "mi"
+  clip_hu: tuple[float, float] = (-200.0, 60.0)
+
+  def check(self) -> None:
+    if self.through_plane not in THROUGH_PLANE:
+      raise ValueError(f"--through_plane must be one of {THROUGH_PLANE}, got {self.through_plane!r}")
+    if self.deformable not in DEFORMABLE:
+      raise ValueError(f"--deformable must be one of {DEFORMABLE}, got {self.deformable!r}")
+    if self.metric not in ("mi", "mse"):
+      raise ValueError(f"the B-spline metric must be 'mi' or 'mse', got {self.metric!r}")
+
+  @property
+  def is_paper(self) -> bool:
+    return self.through_plane == "nearest" and self.deformable == "none"
+
+
+@dataclasses.dataclass
+class SlicePair:
+  """One non-contrast slice's outcome: its aligned contrast slice, or why it has none."""
+
+  index: int
+  post_hu: np.ndarray | None = None  # int16 (H, W) on the non-contrast grid
+  misalignment_px: float = float("nan")  # rigid shift the affine step corrected (body centroid), px
+  residual_px: float = float("nan")  # with the deformable step: the rigid shift left after it (else nan)
+  max_displacement_px: float = float("nan")
+  shift_px: tuple[float, float] = (float("nan"), float("nan"))
+  ecc_score: float = float("nan")
+  excluded: str | None = None  # reason, when the slice has no pair
+  has_partner: bool = True  # False: no contrast data at its corrected table position
+
+  @property
+  def rule_px(self) -> float:
+    """What the exclusion rule tests: the residual with the deformable step, else the corrected shift."""
+    return self.misalignment_px if np.isnan(self.residual_px) else self.residual_px
+
+
+@dataclasses.dataclass
+class VolumeAlignment:
+  """`align_volume`'s result: one `SlicePair` per non-contrast slice, and the carried volumes, aligned."""
+
+  pairs: list[SlicePair]
+  carried: list[np.ndarray]  # float32 (S, H, W) each, on the non-contrast grid (nan-free; 0 where unpaired)
+  deformable_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ through-plane
+def through_plane_positions(pre_z: np.ndarray, post_z: np.ndarray, offset_mm: float) -> np.ndarray:
+  """(S1,) fractional contrast slice index at each corrected non-contrast table position; nan where it lies more
+  than half a slice beyond the contrast series (the same slices `align.pair_slices` leaves unpaired)."""
+  order = np.argsort(post_z)
+  z_sorted, index_sorted = post_z[order], np.arange(len(post_z), dtype=np.float64)[order]
+  step = float(np.median(np.abs(np.diff(post_z)))) if len(post_z) > 1 else np.inf
+  target = np.asarray(pre_z, np.float64) + offset_mm
+  if len(post_z) == 1:
+    return np.where(np.abs(target - post_z[0]) <= step / 2 + 1e-6, 0.0, np.nan)
+  u = np.interp(target, z_sorted, index_sorted)  # clamps at the ends: the edge slice within half a slice
+  outside = (target < z_sorted[0] - step / 2 - 1e-6) | (target > z_sorted[-1] + step / 2 + 1e-6)
+  return np.where(outside, np.nan, u)
+
+
+def resample_slice(volume: np.ndarray, u: float) -> np.ndarray:
+  """float32 (H, W): `volume` (S, H, W) linearly interpolated at fractional slice index `u`."""
+  lo = int(np.clip(np.floor(u), 0, len(volume) - 1))
+  hi = min(lo + 1, len(volume) - 1)
+  w = float(u - lo) if hi > lo else 0.0
+  out = volume[lo].astype(np.float32) * (1.0 - w)
+  if w:
+    out += volume[hi].astype(np.float32) * w
+  return out
+
+
+def resample_mask(masks: np.ndarray, u: float) -> np.ndarray:
+  """float32 (H, W) in {0, 1}: binary `masks` (S, H, W) at fractional slice index `u` by shape-based
+  interpolation (linear interpolation of the signed distance maps), the geometry a linearly resampled image
+  shows."""
+  lo = int(np.clip(np.floor(u), 0, len(masks) - 1))
+  hi = min(lo + 1, len(masks) - 1)
+  w = float(u - lo) if hi > lo else 0.0
+  a, b = masks[lo] > 0.5, masks[hi] > 0.5
+  if w == 0.0 or np.array_equal(a, b):
+    return a.astype(np.float32)
+  return ((1.0 - w) * _signed_distance(a) + w * _signed_distance(b) < 0).astype(np.float32)
+
+
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+  if not mask.any():
+    return np.full(mask.shape, 1e6, np.float32)
+  if mask.all():
+    return np.full(mask.shape, -1e6, np.float32)
+  inside = scipy.ndimage.distance_transform_edt(mask)
+  outside = scipy.ndimage.distance_transform_edt(~mask)
+  return (outside - inside).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ deformable
+def _small_volume(volume: np.ndarray, factor: float, size: tuple[int, int]) -> np.ndarray:
+  if factor <= 1.0:
+    return volume.astype(np.float32)
+  return np.stack([cv2.resize(s.astype(np.float32), size, interpolation=cv2.INTER_AREA) for s in volume])
+
+
+def bspline_transform(pre_hu: np.ndarray, post_hu: np.ndarray, body_mask: np.ndarray, pixel_spacing_mm: float,
+                      slice_spacing_mm: float, options: Options = Options(), seed: int = 0):
+  """3-D B-spline transform (SimpleITK) taking non-contrast points to contrast points, in a physical frame where
+  voxel (column, row, slice) sits at (column * px, row * px, slice * dz) mm.
+
+  Args:
+    pre_hu: (S, H, W) non-contrast volume (the fixed image); ``post_hu`` the contrast volume already on its grid
+      (paired along z and affinely aligned in-plane).
+    body_mask: (S, H, W) the non-contrast body mask (the metric's region).
+    pixel_spacing_mm, slice_spacing_mm: the voxel size.
+    options: `deformable_size`, `grid_mm`, `iterations`.
+    seed: of the metric's sampling (the result is deterministic for a given seed).
+  """
+  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+
+  s, h, w = pre_hu.shape
+  factor = max(1.0, max(h, w) / options.deformable_size)
+  small = (max(8, round(w / factor)), max(8, round(h / factor)))
+  fx = w / small[0]
+  lo, hi = options.clip_hu
+
+  def image(volume, clip=True):
+    v = _small_volume(np.clip(volume, lo, hi) if clip else volume, factor, small)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(v, np.float32))
+    img.SetSpacing((fx * pixel_spacing_mm, h / small[1] * pixel_spacing_mm, slice_spacing_mm))
+    # Area-averaged pixel i covers full pixels [i f, (i + 1) f): its centre is at (i + 0.5) f - 0.5.
+    img.SetOrigin(((0.5 * fx - 0.5) * pixel_spacing_mm, (0.5 * h / small[1] - 0.5) * pixel_spacing_mm, 0.0))
+    return img
+
+  fixed, moving = image(pre_hu), image(post_hu)
+  mask = sitk.Cast(image(body_mask.astype(np.float32), clip=False) > 0.5, sitk.sitkUInt8)
+  extent = np.array([w * pixel_spacing_mm, h * pixel_spacing_mm, max(s - 1, 1) * slice_spacing_mm])
+  mesh = [int(max(1, round(e / options.grid_mm))) for e in extent]
+  transform = sitk.BSplineTransformInitializer(fixed, mesh)
+  reg = sitk.ImageRegistrationMethod()
+  if options.metric == "mi":
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+  else:
+    reg.SetMetricAsMeanSquares()
+  reg.SetMetricSamplingStrategy(reg.REGULAR)
+  reg.SetMetricSamplingPercentage(0.5, seed)
+  reg.SetNumberOfThreads(1)  # the metric's per-thread sums make multithreaded results differ from run to run
+  reg.SetMetricFixedMask(mask)
+  reg.SetInterpolator(sitk.sitkLinear)
+  reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=int(options.iterations),
+                           maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * options.iterations)
+  reg.SetShrinkFactorsPerLevel([2, 1])
+  reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+  reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+  reg.SetInitialTransform(transform, inPlace=True)
+  reg.Execute(fixed, moving)
+  return transform
+
+
+def demons_transform(pre_hu: np.ndarray, post_hu: np.ndarray, body_mask: np.ndarray, pixel_spacing_mm: float,
+                     slice_spacing_mm: float, options: Options = Options()):
+  """3-D demons registration (SimpleITK fast symmetric forces) as a displacement-field transform, in the frame of
+  `bspline_transform`. Demons compares intensities directly, so both volumes are clipped to `options.clip_hu`,
+  whose top (60 HU) flattens the enhancement; outside the body both are set to the bottom of the range. The field
+  is smoothed by a Gaussian of `options.grid_mm / 4` mm (its regularisation)."""
+  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+
+  s, h, w = pre_hu.shape
+  factor = max(1.0, max(h, w) / options.deformable_size)
+  small = (max(8, round(w / factor)), max(8, round(h / factor)))
+  fx, fy = w / small[0], h / small[1]
+  lo, hi = options.clip_hu
+
+  def image(volume):
+    v = _small_volume(np.where(body_mask > 0, np.clip(volume, lo, hi), lo), factor, small)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(v, np.float32))
+    img.SetSpacing((fx * pixel_spacing_mm, fy * pixel_spacing_mm, slice_spacing_mm))
+    img.SetOrigin(((0.5 * fx - 0.5) * pixel_spacing_mm, (0.5 * fy - 0.5) * pixel_spacing_mm, 0.0))
+    return img
+
+  fixed, moving = image(pre_hu), image(post_hu)
+  demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+  demons.SetNumberOfIterations(int(options.iterations) * 5)
+  demons.SetSmoothDisplacementField(True)
+  sigma_px = options.grid_mm / 4.0 / np.array([fx * pixel_spacing_mm, fy * pixel_spacing_mm, slice_spacing_mm])
+  demons.SetStandardDeviations([float(x) for x in sigma_px])
+  demons.SetUseImageSpacing(False)
+  field = demons.Execute(fixed, moving)
+  return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def apply_transform(transform, volume: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm: float,
+                    fill: float, nearest: bool = False) -> np.ndarray:
+  """float32 (S, H, W): ``volume`` (on the non-contrast grid, moving image) resampled through ``transform``."""
+  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+
+  img = sitk.GetImageFromArray(np.ascontiguousarray(volume, np.float32))
+  img.SetSpacing((pixel_spacing_mm, pixel_spacing_mm, slice_spacing_mm))
+  out = sitk.Resample(img, img, transform, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, float(fill),
+                      sitk.sitkFloat32)
+  return sitk.GetArrayFromImage(out)
+
+
+def displacement_mm(transform, shape: tuple[int, int, int], pixel_spacing_mm: float, slice_spacing_mm: float,
+                    step: int = 8) -> np.ndarray:
+  """(S, H // step, W // step, 3) the transform's displacement (x, y, z) in mm on a coarse grid of voxel centres."""
+  s, h, w = shape
+  out = np.zeros((s, len(range(0, h, step)), len(range(0, w, step)), 3), np.float32)
+  for k in range(s):
+    for a, r in enumerate(range(0, h, step)):
+      for b, c in enumerate(range(0, w, step)):
+        p = (c * pixel_spacing_mm, r * pixel_spacing_mm, k * slice_spacing_mm)
+        out[k, a, b] = np.subtract(transform.TransformPoint(p), p)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ the chain
+def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, post_z: np.ndarray,
+                 body_masks: list[np.ndarray], offset_mm: float, pixel_spacing_mm: float,
+                 options: Options = Options(), carry: list[np.ndarray] = (),
+                 fill_hu: int = -1024) -> VolumeAlignment:
+  """Brings a contrast volume onto the non-contrast grid with the chosen options (module docstring).
+
+  Args:
+    pre_hu: int16 (S1, H, W) non-contrast volume; ``pre_z`` its table positions (decreasing).
+    post_hu: int16 (S2, H, W) contrast volume on the same in-plane grid; ``post_z`` its table positions.
+    body_masks: uint8 (H, W) non-contrast body mask per slice (ECC's and the B-spline metric's region).
+    offset_mm: the through-plane offset (`align.estimate_z_offset`).
+    pixel_spacing_mm: in-plane spacing (the B-spline grid and the physical frame).
+    options: the alignment options.
+    carry: volumes (S2, H, W) on the contrast grid to move with the same transforms (binary masks: shape-based
+      through-plane interpolation, linear elsewhere).
+    fill_hu: HU of contrast pixels that come from outside the contrast image.
+
+  Returns:
+    The per-slice pairs (excluded ones with their reason, the exclusion rule not yet applied) and the carried
+    volumes.
+  """
+  import time  # pylint: disable=import-outside-toplevel
+
+  options.check()
+  n = len(pre_hu)
+  if options.through_plane == "nearest":
+    nearest = align.pair_slices(pre_z, post_z, offset_mm)
+    u = np.array([np.nan if j is None else float(j) for j in nearest])
+  else:
+    u = through_plane_positions(pre_z, post_z, offset_mm)
+  pairs = [SlicePair(i) for i in range(n)]
+  stacked = np.full(pre_hu.shape, fill_hu, np.float32)
+  carried = [np.zeros(pre_hu.shape, np.float32) for _ in carry]
+  for i in range(n):
+    if np.isnan(u[i]):
+      pairs[i].excluded = "no contrast slice within half a slice of the corrected table position"
+      pairs[i].has_partner = False
+      continue
+    slice_hu = resample_slice(post_hu, u[i])
+    try:
+      result = align.align_slice(pre_hu[i], np.rint(slice_hu).astype(np.int16), body_masks[i],
+                                 ecc_size=options.ecc_size, fill_hu=fill_hu)
+    except align.AlignmentFailed as e:
+      pairs[i].excluded = str(e)
+      continue
+    p = pairs[i]
+    p.post_hu, p.misalignment_px, p.max_displacement_px = result.post_hu, result.misalignment_px, \
+        result.max_displacement_px
+    p.shift_px, p.ecc_score = result.shift_px, result.ecc_score
+    stacked[i] = result.post_hu
+    h, w = pre_hu.shape[1:]
+    for volume, out in zip(carry, carried):
+      moved = resample_mask(volume, u[i]) if options.through_plane == "resample" else resample_slice(volume, u[i])
+      out[i] = cv2.warpAffine(moved, result.warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+  seconds = 0.0
+  paired = [p.index for p in pairs if p.excluded is None]
+  if options.deformable != "none" and len(paired) >= 2:
+    t0 = time.perf_counter()
+    dz = float(np.median(np.abs(np.diff(pre_z)))) if len(pre_z) > 1 else 1.0
+    # Unpaired slices (edges) take their nearest paired neighbour, so that they do not pull the transform.
+    fill_from = np.array([paired[int(np.argmin(np.abs(np.array(paired) - i)))] for i in range(n)])
+    moving = stacked[fill_from]
+    make = bspline_transform if options.deformable == "bspline" else demons_transform
+    transform = make(pre_hu, moving, np.stack(body_masks), pixel_spacing_mm, dz, options)
+    registered = apply_transform(transform, moving, pixel_spacing_mm, dz, fill_hu)
+    for k, out in enumerate(carried):
+      carried[k] = apply_transform(transform, out[fill_from], pixel_spacing_mm, dz, 0.0)
+    for i in paired:
+      p = pairs[i]
+      p.post_hu = np.clip(np.rint(registered[i]), -32768, 32767).astype(np.int16)
+      try:
+        check = align.align_slice(pre_hu[i], p.post_hu, body_masks[i], ecc_size=options.ecc_size, fill_hu=fill_hu)
+        p.residual_px = check.misalignment_px
+      except align.AlignmentFailed:
+        p.residual_px = float("inf")
+    seconds = time.perf_counter() - t0
+  return VolumeAlignment(pairs=pairs, carried=carried, deformable_seconds=seconds)
