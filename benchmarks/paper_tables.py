@@ -190,6 +190,8 @@ def main():
   parser.add_argument("--folds", type=int, default=0,
                       help="K > 1: K-fold cross-validation, every run once per fold; tables of mean ± std over folds")
   parser.add_argument("--dry_run", action="store_true", help="smoke variant, 2 steps per run: machinery only")
+  parser.add_argument("--finished_only", action="store_true",
+                      help="train nothing: evaluate the runs that finished and write their tables")
   args = parser.parse_args()
   args.phases = [p for p in args.phases.split(",") if p]
   args.rows = [r for r in args.rows.split(",") if r]
@@ -228,6 +230,8 @@ def run_tables(args, start: float) -> dict:
   for phase in args.phases:
     results[phase] = {}
     for row in args.rows:
+      if args.finished_only and not os.path.exists(os.path.join(args.workdir, phase, row, "done.json")):
+        continue
       print(f"[{time.time() - start:7.0f} s] {phase} / {row}", flush=True)
       results[phase][row] = run_one(row, phase, args, data_dir, pretext)
       mae = results[phase][row]["overall"]
