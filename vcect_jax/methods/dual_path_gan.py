@@ -26,14 +26,11 @@ from absl import logging
 from flax import nnx
 
 from vcect_jax import dual_path
-from vcect_jax import hu
-from vcect_jax import input_pipeline
 from vcect_jax import losses
-from vcect_jax import metrics as metrics_lib
 from vcect_jax import models
-from vcect_jax.methods import base
+from vcect_jax.methods import contrast
 
-CONTRAST_PHASES = ("arterial", "portal", "delayed")
+CONTRAST_PHASES = contrast.CONTRAST_PHASES
 
 
 class Generators(nnx.Module):
@@ -98,7 +95,7 @@ def generate(gens: Generators, pre: jax.Array, paths) -> dict[str, jax.Array]:
   return out
 
 
-class DualPathGAN(base.Method):
+class DualPathGAN(contrast.ContrastMethod):
   """The paper's dual-path GAN as a method of the shared training loop."""
 
   name = "dual_path_gan"
@@ -107,7 +104,6 @@ class DualPathGAN(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
-    self.window = hu.Window.from_config(config.data.window)
     self.paths = path_weights(config)
     self.weights = losses.GeneratorWeights.from_config(config.loss)
     self._schedules = None
@@ -137,33 +133,6 @@ class DualPathGAN(base.Method):
                       "(or set loss.use_perceptual=False and perceptual.init_generator=False)")
     if problems:
       raise ValueError("invalid config: " + "; ".join(problems))
-
-  def loop_settings(self) -> base.LoopSettings:
-    t = self.config.train
-    return base.LoopSettings(
-        batch_size=int(t.batch_size), steps=int(t.steps), epochs=float(t.epochs), log_every=int(t.log_every),
-        eval_every=int(t.eval_every), image_every=int(t.image_every), checkpoint_every=int(t.checkpoint_every),
-        keep_checkpoints=int(t.keep_checkpoints), async_checkpoints=bool(t.async_checkpoints),
-        eval_examples=int(t.eval_examples), eval_batch_size=int(t.eval_batch_size), shuffle_seed=int(self.config.seed))
-
-  # ---- data: records of the configured phase
-  def sources(self, data_dir: str):
-    return (input_pipeline.load_source(data_dir, self.config.phase, "train"),
-            input_pipeline.load_source(data_dir, self.config.phase, "validation"))
-
-  def train_example(self, example):
-    return input_pipeline.to_model_space(example, self.window)
-
-  def eval_example(self, example):
-    return input_pipeline.to_model_space(example, self.window, with_hu=True)
-
-  @property
-  def augments(self) -> bool:
-    return bool(self.config.input.augment.enabled)
-
-  def augment(self, example, rng):
-    aug = self.config.input.augment
-    return input_pipeline.augment(example, rng, aug.flip_lr, aug.max_shift_px)
 
   # ---- state
   def _learning_rates(self, steps_per_epoch: int):
@@ -257,33 +226,10 @@ class DualPathGAN(base.Method):
     metrics.update(g_terms, g_loss=g_loss)
     return metrics
 
-  def _virtual(self, state: DualPathGANState, pre):
-    """The global path's virtual image with running statistics, leaving the state's train mode alone."""
-    return state.generators.global_net(pre, use_running_average=True)
-
-  def eval_step(self, state: DualPathGANState, batch):
-    """Per-image PSNR and SSIM (unit window), MAE in HU inside the body, and the identity baseline's MAE."""
-    window = self.window
-    virtual = self._virtual(state, batch["pre"])
-    virtual_unit = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
-    real_unit = hu.model_to_unit(batch["post"][..., 0])
-    virtual_hu = hu.model_to_hu(virtual[..., 0], window)
-    return {
-        "psnr": metrics_lib.batch_psnr(virtual_unit, real_unit),
-        "ssim": metrics_lib.batch_ssim(virtual_unit, real_unit),
-        "mae_hu": metrics_lib.batch_mae_hu(virtual_hu, batch["post_hu"], batch["body_mask"], window.low,
-                                           window.high),
-        "identity_mae_hu": metrics_lib.batch_mae_hu(batch["pre_hu"], batch["post_hu"], batch["body_mask"],
-                                                    window.low, window.high),
-    }
-
   def images(self, state: DualPathGANState, batch):
     """Non-contrast | virtual | real | |virtual - real| on the training window; perceptual heatmaps."""
     virtual = self._virtual(state, batch["pre"])
-    pre = hu.model_to_unit(batch["pre"][..., 1])
-    v = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
-    real = hu.model_to_unit(batch["post"][..., 0])
-    out = {"pre_virtual_real_absdiff": jnp.concatenate([pre, v, real, jnp.abs(v - real)], axis=2)[..., None]}
+    out = {"pre_virtual_real_absdiff": contrast.comparison_grid(virtual, batch)}
     if state.encoder is not None:
       heat = models.perceptual.heatmaps(state.encoder, virtual, batch["post"])  # (B, H, W, 4)
       heat = heat / jnp.maximum(heat.max(axis=(1, 2), keepdims=True), 1e-12)

@@ -23,13 +23,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vcect_jax import hu
 from vcect_jax import input_pipeline
-from vcect_jax import metrics as metrics_lib
-from vcect_jax.methods import base
-from vcect_jax.methods import dual_path_gan
+from vcect_jax.methods import contrast
 
-CONTRAST_PHASES = dual_path_gan.CONTRAST_PHASES
+CONTRAST_PHASES = contrast.CONTRAST_PHASES
 
 
 def linear_decay(base_lr: float, n_epochs: float, n_epochs_decay: float, steps_per_epoch: float) -> optax.Schedule:
@@ -62,23 +59,7 @@ def middle_slice(stack: jax.Array) -> jax.Array:
   return stack[..., middle:middle + 1]
 
 
-def eval_metrics(virtual: jax.Array, batch, window: hu.Window) -> dict[str, jax.Array]:
-  """The dual-path GAN's validation metrics of `virtual` `(B, H, W, 1)`: per-image PSNR and SSIM on the unit
-  window, MAE in HU inside the body, and the identity baseline's MAE."""
-  virtual_unit = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
-  real_unit = hu.model_to_unit(batch["post"][..., 0])
-  virtual_hu = hu.model_to_hu(virtual[..., 0], window)
-  return {
-      "psnr": metrics_lib.batch_psnr(virtual_unit, real_unit),
-      "ssim": metrics_lib.batch_ssim(virtual_unit, real_unit),
-      "mae_hu": metrics_lib.batch_mae_hu(virtual_hu, batch["post_hu"], batch["body_mask"], window.low,
-                                         window.high),
-      "identity_mae_hu": metrics_lib.batch_mae_hu(batch["pre_hu"], batch["post_hu"], batch["body_mask"],
-                                                  window.low, window.high),
-  }
-
-
-class TranslationBaseline(base.Method):
+class TranslationBaseline(contrast.ContrastMethod):
   """Base of the baselines: config section, loop settings, data, schedule, evaluation, images.
 
   Subclasses set `name` (also their config section), `generator_key`, `unpaired`, and define `create_state`,
@@ -90,7 +71,6 @@ class TranslationBaseline(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
-    self.window = hu.Window.from_config(config.data.window)
     self._schedule = None
 
   @property
@@ -126,14 +106,9 @@ class TranslationBaseline(base.Method):
   def size_multiple(self) -> int:
     return 4
 
-  def loop_settings(self) -> base.LoopSettings:
-    t, s = self.config.train, self.section
-    return base.LoopSettings(
-        batch_size=int(t.batch_size), steps=int(t.steps), epochs=float(s.n_epochs + s.n_epochs_decay),
-        log_every=int(t.log_every), eval_every=int(t.eval_every), image_every=int(t.image_every),
-        checkpoint_every=int(t.checkpoint_every), keep_checkpoints=int(t.keep_checkpoints),
-        async_checkpoints=bool(t.async_checkpoints), eval_examples=int(t.eval_examples),
-        eval_batch_size=int(t.eval_batch_size), shuffle_seed=int(self.config.seed))
+  def epochs(self) -> float:
+    s = self.section
+    return float(s.n_epochs + s.n_epochs_decay)
 
   # ---- data
   def sources(self, data_dir: str):
@@ -141,20 +116,6 @@ class TranslationBaseline(base.Method):
     if self.unpaired:
       train = input_pipeline.UnpairedSource(train, int(self.section.pairing_seed))
     return train, input_pipeline.load_source(data_dir, self.config.phase, "validation")
-
-  def train_example(self, example):
-    return input_pipeline.to_model_space(example, self.window)
-
-  def eval_example(self, example):
-    return input_pipeline.to_model_space(example, self.window, with_hu=True)
-
-  @property
-  def augments(self) -> bool:
-    return bool(self.config.input.augment.enabled)
-
-  def augment(self, example, rng):
-    aug = self.config.input.augment
-    return input_pipeline.augment(example, rng, aug.flip_lr, aug.max_shift_px)
 
   # ---- optimisers
   def make_optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -173,18 +134,3 @@ class TranslationBaseline(base.Method):
     """A key for this step's randomness: fold_in(key(seed), optimiser step), then `salt`."""
     key = jax.random.fold_in(jax.random.key(int(self.config.seed)), optimizer.step.value)
     return jax.random.fold_in(key, salt)
-
-  # ---- evaluation
-  def _virtual(self, state, pre):
-    return self.generator(state)(pre, use_running_average=True)
-
-  def eval_step(self, state, batch):
-    return eval_metrics(self._virtual(state, batch["pre"]), batch, self.window)
-
-  def images(self, state, batch):
-    """Non-contrast | virtual | real | |virtual - real| on the training window."""
-    virtual = self._virtual(state, batch["pre"])
-    pre = hu.model_to_unit(batch["pre"][..., 1])
-    v = jnp.clip(hu.model_to_unit(virtual[..., 0]), 0, 1)
-    real = hu.model_to_unit(batch["post"][..., 0])
-    return {"pre_virtual_real_absdiff": jnp.concatenate([pre, v, real, jnp.abs(v - real)], axis=2)[..., None]}
