@@ -79,10 +79,40 @@ def prepare_inputs(config, workdir: str):
   return config
 
 
+def check_config(config) -> None:
+  """The configuration mistakes that can be seen before any work: an unknown mode or method, invalid fields of
+  the method, a global batch that does not split over the devices. Raises ValueError saying what to fix."""
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode={config.mode!r} is not one of {', '.join(MODES)} (--config.mode=...)")
+  if config.mode in ("prepare", "eval"):
+    return
+  from vcect_jax import methods  # pylint: disable=g-import-not-at-top
+
+  to_check = []  # (method, the field of its batch size)
+  config = config.copy_and_resolve_references()
+  needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
+  if config.mode == "train" and needs_pretext and not config.perceptual.pretext_checkpoint:
+    pretext_config = config.copy_and_resolve_references()
+    with pretext_config.unlocked():
+      pretext_config.mode = "pretrain"
+    to_check.append((methods.create(pretext_config), "pretrain.batch_size"))
+    with config.unlocked():  # `prepare_inputs` will pretrain one
+      config.perceptual.pretext_checkpoint = "<pretrained first>"
+  method = methods.create(config)
+  method.validate()
+  to_check.insert(0, (method, "pretrain.batch_size" if config.mode == "pretrain" else "train.batch_size"))
+  devices = jax.device_count()
+  for method, field in to_check:
+    batch = method.loop_settings().batch_size
+    if batch % devices:
+      raise ValueError(
+          f"{field}={batch} does not split over the {devices} devices (every device takes an equal share of the "
+          f"global batch): choose a multiple of {devices}, e.g. --config.{field}={max(devices, batch // devices * devices)}")
+
+
 def dispatch(config, workdir: str):
   """Runs the job that `config.mode` names and returns its result."""
-  if config.mode not in MODES:
-    raise SystemExit(f"config.mode={config.mode!r} is not one of {MODES}")
+  check_config(config)
   logging.info("Mode %s, work directory %s, %d devices", config.mode, workdir, jax.device_count())
   if config.mode == "prepare":
     return prepare_inputs(config, workdir).data.dir
