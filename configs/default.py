@@ -121,6 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
   loss.adversarial_weight = 1.0
   loss.pixel_weight = 1.0                     # lambda1 of eq. 3 (the authors' code uses 0.1)
   loss.perceptual_weight = 1.0                # weight of the summed perceptual terms (the paper: 1)
+  loss.pixel = "mse"                          # pixel term: 'mse' (the paper) or 'l1' (pix2pix; the median)
+  # > 0: the adversarial weight ramps linearly from 0 to adversarial_weight over this many generator steps
+  # (the pixel and perceptual terms shape the output first). 0: the paper, full weight from the first step.
+  loss.adversarial_warmup_steps = 0
 
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()

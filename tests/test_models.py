@@ -109,6 +109,16 @@ def test_residual_output_adds_the_middle_slice():
   np.testing.assert_allclose(generator(x), x[..., 1:2], atol=1e-6)
 
 
+def test_untrained_residual_generator_is_the_identity():
+  config = _narrow_config().model.generator
+  config.residual = True
+  generator = models.Generator(config, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  np.testing.assert_array_equal(generator(x), x[..., 1:2])  # no noise added before training
+  config.residual = False
+  assert float(jnp.abs(models.Generator(config, rngs=nnx.Rngs(0))(x) - x[..., 1:2]).max()) > 0.1
+
+
 def test_batchnorm_train_and_eval_modes():
   generator = models.Generator(_narrow_config().model.generator, rngs=nnx.Rngs(0))
   before = _snapshot(generator)

@@ -28,11 +28,30 @@ class GeneratorWeights:
   pixel: float = 1.0
   adversarial: float = 1.0
   perceptual: float = 1.0
+  pixel_kind: str = "mse"
+  adversarial_warmup_steps: int = 0
 
   @classmethod
   def from_config(cls, loss_config) -> "GeneratorWeights":
+    kind = str(loss_config.get("pixel", "mse"))
+    if kind not in PIXEL_LOSSES:
+      raise ValueError(f"loss.pixel must be one of {tuple(PIXEL_LOSSES)}, got {kind!r}")
+    warmup = int(loss_config.get("adversarial_warmup_steps", 0))
+    if warmup < 0:
+      raise ValueError(f"loss.adversarial_warmup_steps must be >= 0, got {warmup}")
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
-               perceptual=float(loss_config.get("perceptual_weight", 1.0)))
+               perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
+               adversarial_warmup_steps=warmup)
+
+  def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+    return PIXEL_LOSSES[self.pixel_kind](virtual, real)
+
+  def at_step(self, step) -> "GeneratorWeights":
+    """The weights of generator step `step` (0-based, may be traced): the adversarial ramp of the warm-up."""
+    if self.adversarial_warmup_steps <= 0:
+      return self
+    ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / self.adversarial_warmup_steps)
+    return dataclasses.replace(self, adversarial=self.adversarial * ramp)
 
 
 # ------------------------------------------------------------------------------------------------ terms
@@ -51,6 +70,13 @@ def adversarial(logits: jnp.ndarray, target: float) -> jnp.ndarray:
 
 def pixel_mse(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.square(virtual - real))
+
+
+def pixel_l1(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+  return jnp.mean(jnp.abs(virtual - real))
+
+
+PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1}
 
 
 def classification(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

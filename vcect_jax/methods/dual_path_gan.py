@@ -201,12 +201,13 @@ class DualPathGAN(contrast.ContrastMethod):
       d_now = nnx.split(disc)
 
     perc_weights = tuple(config.perceptual.weights)
+    g_weights = self.weights.at_step(state.opt_g.step.value)  # the adversarial warm-up, if any
 
     # 3. Generator loss on the virtual images, against the updated discriminator, pulled back to the params.
     def g_loss_fn(virtual):
       terms, totals = {}, {}
       for path, v in virtual.items():
-        terms[f"g_pixel_{path}"] = losses.pixel_mse(v, post)
+        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post)
         adv = perc = None
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
@@ -217,7 +218,7 @@ class DualPathGAN(contrast.ContrastMethod):
           for j, block_loss in enumerate(per_block):
             terms[f"g_perc_{path}_block{j + 1}"] = block_loss
         totals[path] = terms[f"g_total_{path}"] = losses.generator_path_loss(
-            self.weights, terms[f"g_pixel_{path}"], adv, perc)
+            g_weights, terms[f"g_pixel_{path}"], adv, perc)
       return losses.dual_path_loss(totals, weights), terms
 
     (g_loss, g_terms), d_virtual = jax.value_and_grad(g_loss_fn, has_aux=True)(virtual)

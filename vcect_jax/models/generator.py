@@ -144,7 +144,10 @@ class Generator(nnx.Module):
     # The paper concatenates the last 32 features with the input so that the structures of the non-contrast
     # slice reach the output directly, then two convolutions.
     self.fuse = ConvBNAct(widths[0] + int(config.in_channels), widths[0], momentum=momentum, rngs=rngs)
-    self.out = nnx.Conv(widths[0], 1, (1, 1), rngs=rngs)
+    # With `residual`, the head starts at zero, so that the untrained network is the identity (the non-contrast
+    # slice) and training learns only the enhancement.
+    head_init = nnx.initializers.zeros_init() if self.residual else nnx.initializers.lecun_normal()
+    self.out = nnx.Conv(widths[0], 1, (1, 1), kernel_init=head_init, rngs=rngs)
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     features = self.encoder(x, use_running_average)
