@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # `python -m data_prep.convert --fold=k --num_folds=N`.
   data.fold = -1
   data.num_folds = 5
+  # The embedded phantom's conversion (with `data.dir` empty): `--deformable` of `python -m data_prep.convert`
+  # ('none': the paper's alignment; 'demons' or 'bspline': a 3-D deformable registration that undoes breathing).
+  data.deformable = "none"
   # Phantom used when `data.dir` is empty.
   data.phantom = ml_collections.ConfigDict({
       "cases": 10,            # number of synthetic cases (about one in five is excluded for large motion)

@@ -30,9 +30,15 @@ MANIFEST = "manifest.json"
 def phantom_settings(config) -> dict:
   """The settings that decide the embedded dataset, as they read back from JSON (tuples become lists)."""
   settings = {"phantom": config.data.phantom.to_dict(), "image_size": int(config.data.image_size)}
+  if deformable_of(config) != "none":  # absent for the default, so that earlier conversions stay reusable
+    settings["deformable"] = deformable_of(config)
   if fold_of(config) is not None:
     settings.update(fold=fold_of(config), num_folds=int(config.data.num_folds))
   return json.loads(json.dumps(settings))
+
+
+def deformable_of(config) -> str:
+  return str(config.data.get("deformable", "none"))
 
 
 def fold_of(config) -> int | None:
@@ -146,7 +152,8 @@ def ensure_dataset(config, workdir: str) -> str:
   convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                image_size=int(config.data.image_size), key_file=key_file,
                                split_fractions=tuple(p.split_fractions), split_method="rank",
-                               fold=fold_of(config), num_folds=int(config.data.get("num_folds", 5))))
+                               fold=fold_of(config), num_folds=int(config.data.get("num_folds", 5)),
+                               deformable=deformable_of(config)))
   with open(stamp, "w") as f:
     json.dump(settings, f)
   return _checked(converted, config)
