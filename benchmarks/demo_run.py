@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from data_prep import cli_help
 from data_prep.phantom.anatomy import LABEL_IDS
 from vcect_jax import checkpoint
 from vcect_jax import hu
@@ -52,9 +53,11 @@ def aorta_hu(workdir: str) -> dict[str, float]:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--phase", default="arterial")
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_run", description=__doc__,
+                                   formatter_class=cli_help.HelpFormatter,
+                                   epilog="example:\n  python -m benchmarks.demo_run --workdir=/tmp/demo_arterial")
+  parser.add_argument("--workdir", required=True, help="work directory of the run (emptied first unless --reuse)")
+  parser.add_argument("--phase", default="arterial", help="contrast phase: configs/<phase>.py:demo")
   parser.add_argument("--reuse", action="store_true", help="only evaluate an existing run")
   parser.add_argument("--keep_data", action="store_true",
                       help="keep <workdir>/data (phantom + records) and retrain from scratch on it")

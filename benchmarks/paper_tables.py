@@ -38,6 +38,8 @@ import math
 import os
 import time
 
+from data_prep import cli_help
+
 ABLATION_ROWS = ("no_discriminator", "no_perceptual", "no_dual_path")
 BASELINE_ROWS = ("pix2pix", "cyclegan", "cut")  # configs/baselines/, Table 1 only
 ROWS = ("proposed",) + ABLATION_ROWS + BASELINE_ROWS
@@ -179,12 +181,15 @@ def write_tables(results: dict, args) -> list[str]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_tables", description=__doc__,
+                                   formatter_class=cli_help.HelpFormatter,
+                                   epilog="example:\n  python -m benchmarks.paper_tables --workdir=workdir/paper_tables "
+                                          "--variant=demo --phases=arterial --rows=proposed,pix2pix")
+  parser.add_argument("--workdir", required=True, help="root of every run, the shared data and the tables")
   parser.add_argument("--variant", default="demo", help="run-size variant of configs/variants.py ('' = paper)")
-  parser.add_argument("--phases", default=",".join(PHASES))
-  parser.add_argument("--rows", default=",".join(ROWS))
-  parser.add_argument("--split", default="test")
+  parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated contrast phases")
+  parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated table rows (models) to train")
+  parser.add_argument("--split", default="test", help="split every run is evaluated on")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override for every run, e.g. --set train.steps=400 (repeatable)")
   parser.add_argument("--folds", type=int, default=0,

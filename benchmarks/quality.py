@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from data_prep import cli_help
 from vcect_jax import evaluate
 from vcect_jax import hu
 from vcect_jax import metrics
@@ -183,12 +184,15 @@ def build_config(phase: str, variant: str, seed: int, overrides: list[str], data
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--phase", default="arterial", choices=("arterial", "portal", "delayed"))
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                   formatter_class=cli_help.HelpFormatter,
+                                   epilog="example:\n  python -m benchmarks.quality --seed=7 --workdir=/tmp/quality_arterial")
+  parser.add_argument("--phase", default="arterial", choices=("arterial", "portal", "delayed"),
+                      help="contrast phase")
   parser.add_argument("--seed", type=int, required=True, help="phantom seed (one the config was not tuned on)")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--variant", default="demo")
-  parser.add_argument("--split", default="test")
+  parser.add_argument("--workdir", required=True, help="work directory of the run")
+  parser.add_argument("--variant", default="demo", help="run-size variant of configs/variants.py ('' = paper)")
+  parser.add_argument("--split", default="test", help="split the model is evaluated on")
   parser.add_argument("--data_dir", default="", help="a conversion to use instead of the embedded phantom")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override, e.g. --set train.steps=400 (repeatable)")

@@ -376,3 +376,24 @@ def test_hash_splits_never_leave_a_split_empty_when_patients_suffice():
     # Only the patients needed to fill empty splits move.
     moved = sum(before[c.case_id] != c.split for c in cases)
     assert moved == 3 - len(set(before.values())), seed
+
+
+def test_existing_output_with_other_settings_is_refused_unless_overwrite(tmp_path, capsys):
+  cf.write_case(tmp_path / "in", "c", size=48, slices=8, spacing=6.0)
+  out = tmp_path / "out"
+  args = [f"--input={tmp_path / 'in'}", f"--output={out}", "--phases=arterial"]
+  assert convert.main(args + ["--image_size=48"]) == 0
+  assert convert.main(args + ["--image_size=48", "--workers=2"]) == 0  # the same conversion again
+  capsys.readouterr()
+  assert convert.main(args + ["--image_size=32"]) == 2
+  err = capsys.readouterr().err
+  assert "other settings" in err and "image_size: 48 -> 32" in err and "--overwrite" in err
+  assert json.loads((out / "manifest.json").read_text())["settings"]["image_size"] == 48  # untouched
+  assert convert.main(args + ["--image_size=32", "--overwrite"]) == 0
+  assert json.loads((out / "manifest.json").read_text())["settings"]["image_size"] == 32
+  assert records.load_split(out / "arterial", "train")[0]["post"].shape == (32, 32)
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep me")
+  assert convert.main([f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'mine'}", "--overwrite"]) == 2
+  assert "not a conversion" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
+

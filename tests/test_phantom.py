@@ -271,3 +271,26 @@ def test_invalid_arguments_exit_non_zero_with_message(tmp_path, bad):
   assert result.returncode != 0
   assert 'error' in result.stderr and 'Traceback' not in result.stderr
   assert not list(tmp_path.glob('case_*'))
+
+
+def test_a_folder_with_another_phantom_is_refused_unless_overwrite(tmp_path, capsys):
+  from data_prep.phantom import __main__ as cli
+
+  args = ['--out', str(tmp_path / 'p'), '--seed', '0', '--size', '32', '--slices', '4', '--pixel_spacing', '12']
+  assert cli.main(args + ['--cases', '3']) == 0
+  assert cli.main(args + ['--cases', '3', '--quiet']) == 0  # the same phantom again: rewritten identically
+  capsys.readouterr()
+  assert cli.main(args + ['--cases', '2']) == 2
+  err = capsys.readouterr().err
+  assert 'cases 3 -> 2' in err and '--overwrite' in err and 'Traceback' not in err
+  assert sorted(p.name for p in (tmp_path / 'p').iterdir() if not p.name.startswith('.')) == [
+      'case_0000', 'case_0001', 'case_0002']
+  assert cli.main(args + ['--cases', '2', '--overwrite']) == 0
+  assert sorted(p.name for p in (tmp_path / 'p').iterdir() if not p.name.startswith('.')) == ['case_0000', 'case_0001']
+  out = capsys.readouterr()
+  assert 'phantom: 2/2 cases (100%)' in out.err and f"to {tmp_path / 'p'}" in out.out
+  (tmp_path / 'q').mkdir()
+  (tmp_path / 'q' / 'notes.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not a phantom'):
+    phantom.generate(tmp_path / 'q', cases=1, seed=0, size=32, slices=4, pixel_spacing=12.0, overwrite=True)
+

@@ -65,6 +65,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from data_prep import cli_help
 from data_prep import dicom_io
 from data_prep import phases as phases_lib
 from data_prep import slices
@@ -615,7 +616,7 @@ EXAMPLE = """example:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m vcect_jax.infer", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+      prog="python -m vcect_jax.infer", epilog=EXAMPLE, formatter_class=cli_help.HelpFormatter,
       description="Virtual contrast-enhanced CT series from a non-contrast CT series (DICOM or NIfTI).")
   parser.add_argument("--checkpoint", required=True,
                       help="training workdir, its checkpoints/ folder or a step folder; several comma-separated, "
@@ -629,7 +630,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--format", default=None, choices=FORMATS,
                       help="default: dicom for a DICOM input, nifti for a NIfTI input")
   parser.add_argument("--batch_size", type=int, default=8, help="slices per generator call (default 8)")
-  parser.add_argument("--series_uid", default=None, help="SeriesInstanceUID of the input series in a study folder")
+  parser.add_argument("--series_uid", default=None,
+                      help="SeriesInstanceUID of the input series in a study folder (default: the study's only "
+                           "non-contrast series)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
   parser.add_argument("--preview", action="store_true", help="also write preview.png (axial + coronal views)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")

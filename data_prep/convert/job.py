@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import logging
 import multiprocessing
+import os
 import pathlib
 import shutil
 import time
 
 from data_prep import dicom_io
+from data_prep import phases as phases_lib
 from data_prep import privacy
 from data_prep.convert import shards
 from data_prep.convert.case import convert_case
@@ -55,13 +59,74 @@ def run_case(plan: CasePlan, settings: Settings, cache: pathlib.Path) -> dict:
   return summary
 
 
-def run(settings: Settings) -> dict:
+def check_output(settings: Settings, overwrite: bool = False) -> None:
+  """Refuses an output folder that holds something else than this conversion (or the debris of a killed run of
+  it); with ``overwrite``, removes an earlier conversion made with other settings (only what a conversion writes).
+
+  Raises:
+    FileExistsError: the folder holds another conversion (without ``overwrite``) or files that no conversion
+      writes (the message says what to do).
+  """
+  out = pathlib.Path(settings.output).resolve()
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise FileExistsError(f"--output={settings.output} is a file: choose a folder")
+  if pathlib.Path(settings.input).resolve() == out:
+    raise FileExistsError(f"--output={settings.output} is the input folder: choose another one")
+  manifest_path = out / shards.MANIFEST
+  old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+  ours = {shards.MANIFEST, shards.MANIFEST + ".tmp", shards.CACHE_DIR, *phases_lib.CONTRAST_PHASES}
+  foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+  if foreign:
+    raise FileExistsError(
+        f"--output={settings.output} already holds files that are not a conversion ({', '.join(foreign[:3])}"
+        f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty folder")
+  if old is None:
+    return  # empty, or a killed run: the cache lets this run resume
+  differ = _differing_settings(old.get("settings", {}), settings)
+  if not differ:
+    return  # the same conversion again: rewritten identically
+  if not overwrite:
+    raise FileExistsError(
+        f"--output={settings.output} holds a conversion made with other settings ({'; '.join(differ[:4])}): "
+        "pass --overwrite to replace it, or choose another --output")
+  log.warning("--overwrite: replacing the conversion in %s (%s)", out, "; ".join(differ))
+  for name in (shards.MANIFEST, shards.CACHE_DIR, *phases_lib.CONTRAST_PHASES):
+    path = out / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+
+
+def _differing_settings(old: dict, settings: Settings) -> list[str]:
+  """`name: old -> new` for every setting (`workers` aside) that differs from an earlier manifest's."""
+  new = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+  out = []
+  for name in ("input", "key_file", "phase_rules", "series_csv"):  # the same file however it is spelt
+    for d in (old, new):
+      if d.get(name):
+        d[name] = os.path.realpath(d[name])
+  for name in sorted(set(old) | set(new)):
+    if name not in ("workers", "output") and old.get(name) != new.get(name):
+      out.append(f"{name}: {old.get(name)} -> {new.get(name)}")
+  return out
+
+
+def run(settings: Settings, overwrite: bool = False) -> dict:
   """Runs the whole conversion; returns the manifest (also written to OUT/manifest.json).
+
+  Args:
+    settings: what to convert and how.
+    overwrite: replace an earlier conversion in the output folder made with other settings (else refused).
 
   Raises:
     ValueError: bad settings or nothing converted (the message says why).
+    FileExistsError: the output folder holds something else (`check_output`).
   """
   settings.check()
+  check_output(settings, overwrite)
   root = pathlib.Path(settings.input).resolve()
   out = pathlib.Path(settings.output).resolve()
   rules = settings.phase_rules_of()

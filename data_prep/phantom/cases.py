@@ -5,7 +5,10 @@ HU by the phase's enhancement, blurred (partial volume) and given its own noise.
 """
 
 import dataclasses
+import json
 import pathlib
+import re
+import shutil
 
 import numpy as np
 from pydicom.uid import JPEG2000Lossless, RLELossless
@@ -20,6 +23,10 @@ _STREAMS = {'anatomy': 0, 'motion': 1, 'enhancement': 2, 'identity': 3, 'scan': 
 _NOISE_STREAM = 10
 MIN_SIZE = 16
 MIN_SLICES = 4
+# What a phantom folder was made with (hidden: the converter's scan skips it), so that writing into it again can
+# tell the same phantom (rewritten identically) from another one (refused, or replaced with overwrite).
+SETTINGS_FILE = '.phantom.json'
+_CASE_FOLDER = re.compile(r'case_\d{4,}')
 
 
 @dataclasses.dataclass
@@ -125,11 +132,20 @@ def write_case(case: Case, case_dir: pathlib.Path, transfer_syntax=None) -> None
 
 
 def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
-             pixel_spacing: float = 0.75, compress: bool = False, preview: bool = False) -> list[pathlib.Path]:
+             pixel_spacing: float = 0.75, compress: bool = False, preview: bool = False, overwrite: bool = False,
+             progress=None) -> list[pathlib.Path]:
   """Writes ``cases`` case folders under ``out_dir`` (and ``preview.png`` of the first case with ``preview``).
+
+  Args:
+    overwrite: replace the cases of an earlier phantom made with other settings in ``out_dir`` (else refused).
+    progress: called as ``progress(cases done)`` after each case.
 
   Returns:
     The case folders, in case order.
+
+  Raises:
+    ValueError: invalid settings.
+    FileExistsError: ``out_dir`` holds another phantom (without ``overwrite``) or files that are not a phantom's.
   """
   if cases < 1:
     raise ValueError(f'cases must be at least 1, got {cases}')
@@ -137,6 +153,9 @@ def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, 
     raise ValueError(f'seed must be non-negative, got {seed}')
   check_geometry(size, slices, slice_thickness, pixel_spacing)
   out_dir = pathlib.Path(out_dir)
+  settings = {'cases': cases, 'seed': seed, 'size': size, 'slices': slices, 'slice_thickness': slice_thickness,
+              'pixel_spacing': pixel_spacing, 'compress': compress}
+  _clear_for(out_dir, settings, overwrite)
   out_dir.mkdir(parents=True, exist_ok=True)
   folders = []
   for index in range(cases):
@@ -146,4 +165,39 @@ def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, 
     if preview and index == 0:
       preview_lib.write_preview(out_dir / 'preview.png', case.hu)
     folders.append(folder)
+    if progress is not None:
+      progress(index + 1)
+  (out_dir / SETTINGS_FILE).write_text(json.dumps(settings))
   return folders
+
+
+def _clear_for(out_dir: pathlib.Path, settings: dict, overwrite: bool) -> None:
+  """Makes ``out_dir`` ready for the phantom of ``settings``: nothing to do when it is new, empty, or holds the same
+  phantom; an earlier phantom with other settings is refused, or removed with ``overwrite``."""
+  if not out_dir.exists():
+    return
+  if not out_dir.is_dir():
+    raise FileExistsError(f'{out_dir} is a file: choose a folder for the phantom')
+  entries = list(out_dir.iterdir())
+  ours = [p for p in entries if (p.is_dir() and _CASE_FOLDER.fullmatch(p.name)) or p.name in ('preview.png',
+                                                                                                  SETTINGS_FILE)]
+  foreign = sorted(p.name for p in entries if p not in ours)
+  if foreign:
+    raise FileExistsError(f'{out_dir} holds files that are not a phantom\'s ({", ".join(foreign[:3])}'
+                          f'{", ..." if len(foreign) > 3 else ""}): choose a new or empty folder')
+  if not ours:
+    return
+  stamp = out_dir / SETTINGS_FILE
+  old = json.loads(stamp.read_text()) if stamp.exists() else None
+  if old == json.loads(json.dumps(settings)):
+    return  # the same phantom: rewritten byte for byte
+  if not overwrite:
+    what = ('phantom cases of unknown settings' if old is None else 'a phantom made with other settings (' +
+            ', '.join(f'{k} {old.get(k)} -> {v}' for k, v in settings.items() if old.get(k) != v) + ')')
+    raise FileExistsError(f'{out_dir} already holds {what}: pass --overwrite to replace them, or choose another '
+                          'folder')
+  for path in ours:
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
