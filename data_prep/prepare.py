@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 
+from etils import epath
+
 from data_prep import phases
 
 log = logging.getLogger("data_prep.prepare")
@@ -57,20 +59,32 @@ def converted_name(config) -> str:
   return "converted" if fold is None else f"converted_fold{fold}"
 
 
-def dataset_image_size(data_dir: str, phase: str) -> int | None:
+def _read_json(path: epath.Path) -> dict:
+  return json.loads(path.read_text())
+
+
+def phase_path(data_dir, phase: str) -> epath.Path:
+  """The folder of `phase`'s records in a converted dataset: the manifest's `phases.<phase>.path` (`tfds build`
+  puts it under `<config>/<version>`), else `<data_dir>/<phase>`."""
+  root = epath.Path(data_dir)
+  manifest = root / MANIFEST
+  phases = _read_json(manifest).get("phases", {}) if manifest.exists() else {}
+  return root / phases.get(phase, {}).get("path", phase)
+
+
+def dataset_image_size(data_dir, phase: str) -> int | None:
   """The side in pixels of the records of `phase` under `data_dir` (a conversion's output), None if unknown.
 
-  Read from the phase's TFDS `features.json` (what the records hold), else from the manifest's settings.
+  Read from the phase's TFDS `features.json` (what the records hold), else from the manifest's settings. `data_dir`
+  may be a local or a cloud (`gs://...`) path: everything is read through `etils.epath`.
   """
-  features = os.path.join(data_dir, phase, "features.json")
-  if os.path.isfile(features):
-    with open(features) as f:
-      dims = json.load(f)["featuresDict"]["features"]["post"]["tensor"]["shape"]["dimensions"]
+  features = phase_path(data_dir, phase) / "features.json"
+  if features.exists():
+    dims = _read_json(features)["featuresDict"]["features"]["post"]["tensor"]["shape"]["dimensions"]
     return int(dims[-1])
-  manifest = os.path.join(data_dir, MANIFEST)
-  if os.path.isfile(manifest):
-    with open(manifest) as f:
-      size = json.load(f).get("settings", {}).get("image_size")
+  manifest = epath.Path(data_dir) / MANIFEST
+  if manifest.exists():
+    size = _read_json(manifest).get("settings", {}).get("image_size")
     return None if size is None else int(size)
   return None
 
@@ -78,18 +92,20 @@ def dataset_image_size(data_dir: str, phase: str) -> int | None:
 def check_dataset(config) -> str:
   """`config.data.dir`, if it exists and its records have `config.data.image_size` pixels.
 
+  `config.data.dir` may be a local path or a cloud path (`gs://bucket/converted`), read through `etils.epath`.
+
   Raises:
     FileNotFoundError: the folder does not exist.
     ValueError: the records have another image size (the message names both and the flag to change).
   """
   data_dir = config.data.dir
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"config.data.dir={data_dir!r} does not exist: give the --output folder of "
+  if not epath.Path(data_dir).is_dir():
+    raise FileNotFoundError(f"config.data.dir={data_dir!r} does not exist: give the --output of "
                             "`python -m data_prep.convert`, or leave it empty for the embedded phantom")
   fold = fold_of(config)
   if fold is not None:
-    with open(os.path.join(data_dir, MANIFEST)) as f:
-      have = json.load(f).get("settings", {}).get("fold")
+    manifest = epath.Path(data_dir) / MANIFEST
+    have = _read_json(manifest).get("settings", {}).get("fold") if manifest.exists() else None
     if have != fold:
       raise ValueError(f"config.data.fold={fold} but config.data.dir={data_dir!r} was converted with fold={have}: "
                        f"convert with `python -m data_prep.convert --fold={fold} --num_folds={config.data.num_folds}`"
@@ -99,7 +115,7 @@ def check_dataset(config) -> str:
     raise ValueError(f"config.data.dir={data_dir!r} holds {size} px records but config.data.image_size={wanted}: "
                      f"set --config.data.image_size={size}, or convert the data again with "
                      f"`python -m data_prep.convert --image_size={wanted}`")
-  return data_dir
+  return str(data_dir)
 
 
 def ensure_dataset(config, workdir: str) -> str:

@@ -128,9 +128,14 @@ def records_sources(config) -> tuple[RecordsSource, RecordsSource]:
   """Train and validation sources over the `pre` stacks of converted records of `config.phase`."""
   from data_prep import records  # pylint: disable=import-outside-toplevel
 
-  phase_dir = config.pretrain.records_dir or (os.path.join(config.data.dir, config.phase) if config.data.dir
-                                              else "")
-  if not phase_dir or not os.path.isdir(phase_dir):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  from data_prep import prepare  # pylint: disable=import-outside-toplevel
+
+  # Local or cloud (gs://) paths, read through etils.epath; the manifest may put the phase elsewhere (tfds build).
+  phase_dir = config.pretrain.records_dir or (str(prepare.phase_path(config.data.dir, config.phase))
+                                              if config.data.dir else "")
+  if not phase_dir or not epath.Path(phase_dir).is_dir():
     raise FileNotFoundError(f"no converted records at {phase_dir!r}: set --config.data.dir (or "
                             "--config.pretrain.records_dir) to the output of `python -m data_prep.convert`")
   return (RecordsSource(records.load_split(phase_dir, "train")),

@@ -13,6 +13,7 @@ Reading: ``load_split(phase_dir, split)`` returns a random-access source (``len`
 numpy arrays; ``case_id`` comes back as ``bytes``) that ``grain.MapDataset.source`` accepts.
 """
 
+import json
 import os
 import pathlib
 import struct
@@ -20,12 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 DATASET_NAME = "vcect"
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = ("array_record", "tfrecord")
 TMP_SUFFIX = ".tmp"
 VERSION = "1.0.0"
+MODULE_NAME = __name__  # dataset_info.json's module_name: this module wrote the metadata
 ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # random access; zstd level 1 is ~5x faster than the default
 
 
@@ -158,6 +161,12 @@ def write_metadata(phase_dir: pathlib.Path, image_size: int, file_format: str,
   tfds.folder_dataset.write_metadata(data_dir=phase_dir, features=features(image_size), split_infos=infos,
                                      version=VERSION, filename_template=template, check_data=False,
                                      description=description)
+  # TFDS writes an empty module name, which its reader replaces with its own on every load and then logs "fields
+  # info.[module_name] differ on disk and in the code" each time: name the module that wrote the records instead.
+  info_path = pathlib.Path(phase_dir) / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info["moduleName"] = MODULE_NAME
+  info_path.write_text(json.dumps(info, indent=2))
 
 
 # ------------------------------------------------------------------ reading
@@ -176,11 +185,11 @@ class _EmptySource:
 class _TFRecordSource:
   """Random access over TFRecord shards: record offsets are indexed once, records decoded on demand."""
 
-  def __init__(self, paths: Sequence[pathlib.Path], feature_dict: tfds.features.FeaturesDict):
+  def __init__(self, paths: Sequence[epath.Path], feature_dict: tfds.features.FeaturesDict):
     self._features = feature_dict
-    self._index: list[tuple[pathlib.Path, int, int]] = []
+    self._index: list[tuple[epath.Path, int, int]] = []
     for path in paths:
-      with open(path, "rb") as f:
+      with path.open("rb") as f:
         offset = 0
         while head := f.read(12):
           (n,) = struct.unpack("<Q", head[:8])
@@ -193,7 +202,7 @@ class _TFRecordSource:
 
   def __getitem__(self, index: int) -> dict:
     path, offset, n = self._index[index]
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
       f.seek(offset)
       return self._features.deserialize_example_np(f.read(n))
 
@@ -202,14 +211,15 @@ def load_split(phase_dir: str | os.PathLike, split: str):
   """Random-access source over one split of a converted phase directory.
 
   Args:
-    phase_dir: ``OUT/<phase>`` of a conversion.
+    phase_dir: ``OUT/<phase>`` of a conversion; a local or cloud (``gs://...``) path, read through
+      ``etils.epath``.
     split: ``train``, ``validation`` or ``test``.
 
   Returns:
     An object with ``len()`` and ``__getitem__`` returning a dict of numpy arrays keyed as in ``features()``
     (``case_id`` as bytes); ``grain.MapDataset.source(...)`` accepts it. Empty splits give an empty source.
   """
-  phase_dir = pathlib.Path(phase_dir)
+  phase_dir = epath.Path(phase_dir)
   if not (phase_dir / "dataset_info.json").exists():
     raise FileNotFoundError(f"{phase_dir} is not a converted dataset directory (no dataset_info.json); "
                             "run `python -m data_prep.convert` first")
@@ -220,7 +230,6 @@ def load_split(phase_dir: str | os.PathLike, split: str):
   if info.num_examples == 0:
     return _EmptySource()
   if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
-    paths = [pathlib.Path(p) for p in info.filenames] if hasattr(info, "filenames") else []
-    paths = [phase_dir / pathlib.Path(p).name for p in paths]
+    paths = [phase_dir / epath.Path(p).name for p in info.filenames] if hasattr(info, "filenames") else []
     return _TFRecordSource(paths, builder.info.features)
   return builder.as_data_source(split=split)

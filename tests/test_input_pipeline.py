@@ -79,3 +79,46 @@ def test_eval_dataset_is_ordered_whole_batches_with_hu_kept():
   assert batches[0]["pre"].shape == (3, 4, 4, 3) and batches[0]["post"].shape == (3, 4, 4, 1)
   np.testing.assert_array_equal(batches[1]["pre_hu"][:, 0, 0], [3, 4, 5])
   np.testing.assert_allclose(batches[0]["post"][1, 0, 0, 0], hu.hu_to_model(np.float32(1), window), atol=1e-6)
+
+
+def test_records_read_through_epath_from_str_and_path_objects(tmp_path, caplog):
+  """`data.dir` may be a cloud path: the manifest and records are read through etils.epath (the same code path
+  as gs://, run here on a local folder given as str, epath.Path and pathlib.Path); a manifest's phase `path` is
+  followed; TFDS does not complain that the metadata on disk differs from its reader's."""
+  import json
+  import logging
+  import pathlib
+
+  from etils import epath
+
+  from configs import arterial
+  from data_prep import convert
+  from data_prep import prepare
+  from data_prep import records
+  from tests import convert_fixtures as cf
+
+  cf.write_case(tmp_path / "in", "c", size=32, slices=6, spacing=9.0)
+  out = tmp_path / "out"
+  assert convert.main([f"--input={tmp_path / 'in'}", f"--output={out}", "--phases=arterial", "--image_size=32",
+                       "--split_fractions=1,0,0", "--file_format=tfrecord"]) == 0
+  caplog.set_level(logging.INFO)
+  sizes = set()
+  for data_dir in (str(out), epath.Path(out), pathlib.Path(out)):
+    path = input_pipeline.phase_dir(data_dir, "arterial")
+    assert isinstance(path, str) and path.endswith("arterial")
+    source = input_pipeline.load_source(data_dir, "arterial", "train")
+    sizes.add(len(source))
+    assert source[0]["post"].shape == (32, 32)
+    assert prepare.dataset_image_size(data_dir, "arterial") == 32
+  assert len(sizes) == 1 and sizes.pop() > 0
+  assert "differ on disk and in the code" not in caplog.text
+  # A manifest may put a phase's records elsewhere (tfds build: <config>/<version>).
+  (out / "arterial").rename(out / "moved")
+  manifest = json.loads((out / "manifest.json").read_text())
+  manifest["phases"]["arterial"]["path"] = "moved"
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  assert input_pipeline.phase_dir(epath.Path(out), "arterial") == str(epath.Path(out) / "moved")
+  config = arterial.get_config()
+  config.data.dir, config.data.image_size = str(out), 32
+  assert prepare.check_dataset(config) == str(out)
+  assert len(records.load_split(epath.Path(out) / "moved", "train")) == len(source)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vcect_jax import hu
 from vcect_jax import metrics
@@ -392,7 +393,7 @@ def _data_dir(config, model_config, workdir: str) -> str:
   """The converted dataset to evaluate on (see `run`)."""
   for candidate, what in ((config.data.dir, "config.data.dir"), (model_config.data.dir, "the checkpoint's data.dir")):
     if candidate:
-      if not os.path.isdir(candidate):
+      if not epath.Path(candidate).is_dir():  # local or cloud (gs://) path
         raise EvaluationError(f"{what}={candidate!r} does not exist: give the --output folder of "
                               "`python -m data_prep.convert`")
       return candidate

@@ -21,9 +21,9 @@ randomly chosen slice.
 from __future__ import annotations
 
 import json
-import os
 
 import grain
+from etils import epath
 import jax
 import numpy as np
 
@@ -32,19 +32,24 @@ from vcect_jax import hu
 SPLITS = ("train", "validation", "test")
 
 
-def phase_dir(data_dir: str, phase: str) -> str:
-  """The TFDS directory of one phase inside a converted dataset, with errors that say what to fix."""
-  manifest = os.path.join(data_dir, "manifest.json")
-  if not os.path.exists(manifest):
+def phase_dir(data_dir, phase: str) -> str:
+  """The TFDS directory of one phase inside a converted dataset, with errors that say what to fix.
+
+  `data_dir` may be a local path or a cloud path (`gs://...`): it is read through `etils.epath`. The phase's folder
+  is `manifest.json`'s `phases.<phase>.path` (`tfds build` puts it under `<config>/<version>`), else `<phase>`.
+  """
+  root = epath.Path(data_dir)
+  manifest_path = root / "manifest.json"
+  if not manifest_path.exists():
     raise FileNotFoundError(
-        f"config.data.dir={data_dir!r} has no manifest.json: point it at the --output of "
-        "`python -m data_prep.convert`, or leave it empty to use the embedded phantom")
-  path = os.path.join(data_dir, phase)
-  if not os.path.isdir(path):
-    with open(manifest) as f:
-      phases = sorted(json.load(f).get("phases", {}))
-    raise FileNotFoundError(f"{data_dir} has no records for phase {phase!r}; converted phases: {phases}")
-  return path
+        f"config.data.dir={str(data_dir)!r} has no manifest.json: point it at the --output of "
+        "`python -m data_prep.convert` (or at <data_dir>/vcect_dataset after `tfds build data_prep/vcect_dataset`), "
+        "or leave it empty to use the embedded phantom")
+  phases = json.loads(manifest_path.read_text()).get("phases", {})
+  path = root / phases.get(phase, {}).get("path", phase)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{data_dir} has no records for phase {phase!r}; converted phases: {sorted(phases)}")
+  return str(path)
 
 
 def load_source(data_dir: str, phase: str, split: str):
