@@ -381,7 +381,7 @@ def test_hash_splits_never_leave_a_split_empty_when_patients_suffice():
 def test_existing_output_with_other_settings_is_refused_unless_overwrite(tmp_path, capsys):
   cf.write_case(tmp_path / "in", "c", size=48, slices=8, spacing=6.0)
   out = tmp_path / "out"
-  args = [f"--input={tmp_path / 'in'}", f"--output={out}", "--phases=arterial"]
+  args = [f"--input={tmp_path / 'in'}", f"--output={out}", "--phases=arterial", "--split_fractions=1,0,0"]
   assert convert.main(args + ["--image_size=48"]) == 0
   assert convert.main(args + ["--image_size=48", "--workers=2"]) == 0  # the same conversion again
   capsys.readouterr()
@@ -397,3 +397,14 @@ def test_existing_output_with_other_settings_is_refused_unless_overwrite(tmp_pat
   assert convert.main([f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'mine'}", "--overwrite"]) == 2
   assert "not a conversion" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
 
+
+
+def test_a_lone_series_of_unknown_phase_says_how_to_name_it_and_leaves_no_debris(tmp_path, capsys):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "ct.dcm").write_bytes(pathlib.Path(get_testdata_file("CT_small.dcm")).read_bytes())
+  out = tmp_path / "out"
+  assert convert.main([f"--input={tmp_path / 'in'}", f"--output={out}"]) == 2
+  err = capsys.readouterr().err
+  assert "nothing converted" in err and "--series_csv" in err and "--phase_rules" in err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+  assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no .cache/, no empty phase folders

@@ -160,9 +160,11 @@ def run(settings: Settings, overwrite: bool = False) -> dict:
     manifest = shards.assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path,
                                time.time() - t0, pool)
   total = sum(p["splits"][s]["examples"] for p in manifest["phases"].values() for s in p["splits"])
-  if total == 0:
-    raise ValueError(shards.nothing_converted(manifest))
   shutil.rmtree(out / shards.CACHE_DIR, ignore_errors=True)
+  if total == 0:
+    for phase in settings.phases:  # empty shards and metadata: nothing a reader could use
+      shutil.rmtree(out / phase, ignore_errors=True)
+    raise ValueError(shards.nothing_converted(manifest))
   return manifest
 
 

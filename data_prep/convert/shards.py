@@ -182,7 +182,8 @@ def _json_default(value):
 
 
 def nothing_converted(manifest: dict) -> str:
-  """Why a conversion produced no record, for the error message."""
+  """Why a conversion produced no record, for the error message: the main reasons and what to do about them."""
+  where = pathlib.Path(manifest["settings"]["output"]) / MANIFEST
   reasons = {}
   for phase in manifest["phases"].values():
     for c in phase["skipped_cases"]:
@@ -190,9 +191,18 @@ def nothing_converted(manifest: dict) -> str:
     for p in phase["excluded_pairs"]:
       r = p["reason"].split(" ")[0]
       reasons[f"pairs excluded ({r})"] = reasons.get(f"pairs excluded ({r})", 0) + 1
+  series = {}
+  for s in manifest["skipped_series"]:
+    series[s["reason"]] = series.get(s["reason"], 0) + 1
+  unknown = sum(n for r, n in series.items() if r.startswith("unknown series description"))
+  hint = ""
+  if unknown:
+    hint = (f"; {unknown} series had a description that no phase rule knows: name their phase with a "
+            "--series_csv row (study,series_uid,phase) or a --phase_rules rule (data_prep/phases.py); the series "
+            "are listed under skipped_series")
   if not any(phase["cases"] or phase["skipped_cases"] for phase in manifest["phases"].values()):
     files = len(manifest["skipped_files"])
     return (f"nothing converted: no CT study found under {manifest['settings']['input']} "
-            f"({files} files skipped; see {MANIFEST})")
+            f"({files} files skipped){hint}; see {where}")
   top = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:5])
-  return f"nothing converted: no slice pair was kept ({top}); see {MANIFEST}"
+  return f"nothing converted: no slice pair was kept ({top}){hint}; see {where}"
