@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- model / perceptual / pretrain (issue 4)
   config.model = model = ml_collections.ConfigDict()
+  # Computation dtype of the generator and the discriminator: 'float32', or 'bfloat16' (mixed precision, for GPU and
+  # TPU: bf16 convolutions, float32 parameters, optimiser states, BatchNorm statistics and losses; slower on CPU).
+  # The generator and discriminator sections below follow it (`--config.model.compute_dtype=bfloat16`).
+  model.compute_dtype = "float32"
   # Generator (paper section 3.1): dense multi-resolution encoder (blocks at /1, /2, /4, /8, /16) + U-Net decoder.
   model.generator = ml_collections.ConfigDict({
       "in_channels": 3,                       # previous, current, next non-contrast slices
@@ -60,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
       "residual": False,                      # True: predict the enhancement added to the middle input slice
       "output_activation": "none",            # 'none' (linear, model space) or 'tanh' (bounded to [-1, 1])
       "bn_momentum": 0.9,                     # BatchNorm running-statistics momentum
+      "compute_dtype": model.get_ref("compute_dtype"),  # follows model.compute_dtype
   })
   # Conditional patch discriminator: sees concat(non-contrast input, real or virtual contrast slice).
   model.discriminator = ml_collections.ConfigDict({
@@ -70,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
       "kernel_size": 4,
       "negative_slope": 0.2,                  # LeakyReLU slope
       "bn_momentum": 0.9,
+      "compute_dtype": model.get_ref("compute_dtype"),  # follows model.compute_dtype
   })
   # Pretext intensity-level classifier: the generator's encoder + three fully connected layers.
   model.classifier = ml_collections.ConfigDict({

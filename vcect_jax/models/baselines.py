@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vcect_jax.models import layers
+
 NORMS = ("batch", "instance", "none")
 INITS = ("normal", "xavier")
 
@@ -107,8 +109,9 @@ def _conv_transpose(in_f, out_f, kernel, *, torch_padding, output_padding=0, bia
   """A stride-2 transposed convolution with PyTorch's output geometry (`ConvTranspose2d(k, 2, p, op)`)."""
   lo = kernel - 1 - torch_padding
   pad = ((lo, lo + output_padding), (lo, lo + output_padding))
-  return nnx.ConvTranspose(in_f, out_f, (kernel, kernel), strides=(2, 2), padding=pad, use_bias=bias,
-                           kernel_init=init, rngs=rngs)
+  # nnx.ConvTranspose's parameters and results, as a sub-pixel convolution (fast gradients; models/layers.py).
+  return layers.SubpixelConvTranspose(in_f, out_f, (kernel, kernel), strides=(2, 2), padding=pad, use_bias=bias,
+                                      kernel_init=init, rngs=rngs)
 
 
 # ------------------------------------------------------------------------------------------------ U-Net (pix2pix)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vcect_jax.models.generator import ConvBNAct
+from vcect_jax.models.generator import compute_dtype
 
 
 class Discriminator(nnx.Module):
@@ -24,7 +25,8 @@ class Discriminator(nnx.Module):
 
   Args:
     config: `config.model.discriminator` (fields `input_channels`, `target_channels`, `widths`, `strides`,
-      `kernel_size`, `negative_slope`, `bn_momentum`).
+      `kernel_size`, `negative_slope`, `bn_momentum`, `compute_dtype`; with 'bfloat16' the blocks compute in
+      bf16 and the last convolution, hence the logits, in float32).
     rngs: parameter initialisation.
   """
 
@@ -37,11 +39,12 @@ class Discriminator(nnx.Module):
     self.input_channels = int(config.input_channels)
     self.target_channels = int(config.get("target_channels", 1))
     self.downsampling = math.prod(strides)
+    self.dtype = dtype = compute_dtype(config)
     blocks, in_features = [], self.input_channels + self.target_channels
     for width, stride in zip(widths, strides):
       blocks.append(ConvBNAct(in_features, width, kernel_size=kernel_size, strides=stride,
                               negative_slope=float(config.get("negative_slope", 0.2)),
-                              momentum=float(config.get("bn_momentum", 0.9)), rngs=rngs))
+                              momentum=float(config.get("bn_momentum", 0.9)), dtype=dtype, rngs=rngs))
       in_features = width
     self.blocks = nnx.List(blocks)
     self.logits = nnx.Conv(in_features, 1, (kernel_size, kernel_size), padding="SAME", rngs=rngs)
@@ -53,6 +56,8 @@ class Discriminator(nnx.Module):
     if x.shape[1] % self.downsampling or x.shape[2] % self.downsampling:
       raise ValueError(f"H and W must be multiples of {self.downsampling}, got {x.shape[1]}x{x.shape[2]}")
     h = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+    if self.dtype is not None:
+      h = h.astype(self.dtype)
     for block in self.blocks:
       h = block(h, use_running_average)
     return self.logits(h)

@@ -35,7 +35,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcect_jax.models import layers
+
 OUTPUT_ACTIVATIONS = ("none", "tanh")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config):
+  """The layers' computation dtype from a model config's `compute_dtype` (None: float32, Flax's default).
+
+  'bfloat16' (mixed precision, for accelerators) computes convolutions and normalisation in bf16; parameters,
+  BatchNorm statistics and the optimiser states stay float32, and the networks return float32 so that the losses
+  are computed in float32.
+  """
+  name = str(config.get("compute_dtype", "float32"))
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"model compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+  return None if name == "float32" else jnp.dtype(name)
 
 
 def max_pool(x: jax.Array, factor: int) -> jax.Array:
@@ -50,11 +66,11 @@ class ConvBNAct(nnx.Module):
   """3x3 (by default) convolution, BatchNorm and ReLU or LeakyReLU."""
 
   def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, strides: int = 1,
-               negative_slope: float = 0.0, momentum: float = 0.9, rngs: nnx.Rngs):
+               negative_slope: float = 0.0, momentum: float = 0.9, dtype=None, rngs: nnx.Rngs):
     # The bias is redundant in front of BatchNorm.
     self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides,
-                         padding="SAME", use_bias=False, rngs=rngs)
-    self.norm = nnx.BatchNorm(out_features, momentum=momentum, rngs=rngs)
+                         padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm = nnx.BatchNorm(out_features, momentum=momentum, dtype=dtype, rngs=rngs)
     self.negative_slope = negative_slope
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -67,9 +83,10 @@ class ConvBNAct(nnx.Module):
 class DoubleConv(nnx.Module):
   """Two (3x3 conv + BatchNorm + ReLU)."""
 
-  def __init__(self, in_features: int, out_features: int, *, momentum: float = 0.9, rngs: nnx.Rngs):
-    self.first = ConvBNAct(in_features, out_features, momentum=momentum, rngs=rngs)
-    self.second = ConvBNAct(out_features, out_features, momentum=momentum, rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, *, momentum: float = 0.9, dtype=None,
+               rngs: nnx.Rngs):
+    self.first = ConvBNAct(in_features, out_features, momentum=momentum, dtype=dtype, rngs=rngs)
+    self.second = ConvBNAct(out_features, out_features, momentum=momentum, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     return self.second(self.first(x, use_running_average), use_running_average)
@@ -82,15 +99,15 @@ class Encoder(nnx.Module):
   """
 
   def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 256, 512), *,
-               momentum: float = 0.9, rngs: nnx.Rngs):
+               momentum: float = 0.9, dtype=None, rngs: nnx.Rngs):
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2:
       raise ValueError(f"the encoder needs at least two blocks, got widths={widths}")
     self.in_channels = int(in_channels)
     self.widths = widths
-    blocks = [DoubleConv(self.in_channels, widths[0], momentum=momentum, rngs=rngs)]
+    blocks = [DoubleConv(self.in_channels, widths[0], momentum=momentum, dtype=dtype, rngs=rngs)]
     for i in range(1, len(widths)):
-      blocks.append(DoubleConv(sum(widths[:i]), widths[i], momentum=momentum, rngs=rngs))
+      blocks.append(DoubleConv(sum(widths[:i]), widths[i], momentum=momentum, dtype=dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
 
   @property
@@ -122,7 +139,7 @@ class Generator(nnx.Module):
 
   Args:
     config: `config.model.generator` (fields `in_channels`, `widths`, `residual`, `output_activation`,
-      `bn_momentum`).
+      `bn_momentum`, `compute_dtype`).
     rngs: parameter initialisation.
   """
 
@@ -133,12 +150,15 @@ class Generator(nnx.Module):
     self.output_activation = str(config.get("output_activation", "none"))
     if self.output_activation not in OUTPUT_ACTIVATIONS:
       raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {self.output_activation!r}")
-    self.encoder = Encoder(config.in_channels, widths, momentum=momentum, rngs=rngs)
+    self.dtype = dtype = compute_dtype(config)
+    self.encoder = Encoder(config.in_channels, widths, momentum=momentum, dtype=dtype, rngs=rngs)
     ups, decoders = [], []
     for level in range(len(widths) - 1, 0, -1):  # from the deepest block up to full resolution
-      ups.append(nnx.ConvTranspose(widths[level], widths[level - 1], (2, 2), strides=(2, 2), padding="VALID",
-                                   rngs=rngs))
-      decoders.append(DoubleConv(2 * widths[level - 1], widths[level - 1], momentum=momentum, rngs=rngs))
+      # nnx.ConvTranspose's parameters and results, computed as a matmul + depth-to-space (models/layers.py).
+      ups.append(layers.SubpixelConvTranspose(widths[level], widths[level - 1], (2, 2), strides=(2, 2),
+                                              padding="VALID", dtype=dtype, rngs=rngs))
+      decoders.append(DoubleConv(2 * widths[level - 1], widths[level - 1], momentum=momentum, dtype=dtype,
+                                 rngs=rngs))
     self.ups = nnx.List(ups)
     self.decoders = nnx.List(decoders)
     # The paper concatenates the last 32 features with the input so that the structures of the non-contrast

@@ -1,0 +1,165 @@
+"""The sub-pixel transposed convolution (`vcect_jax.models.layers`) against `nnx.ConvTranspose`, checkpoint
+compatibility of the networks that use it, and the mixed-precision option (`model.compute_dtype`)."""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import arterial
+from configs.baselines import cyclegan as cyclegan_config
+from configs.baselines import pix2pix as pix2pix_config
+from vcect_jax import methods
+from vcect_jax import models
+from vcect_jax import pretrain
+from vcect_jax import sharding
+from vcect_jax import train
+from vcect_jax.models import baselines as baseline_models
+from vcect_jax.models import layers
+
+# (kernel, stride, padding): the generator's 2x2 VALID, pix2pix's ConvTranspose2d(4, 2, 1), CycleGAN's
+# ConvTranspose2d(3, 2, 1, output_padding=1), string paddings, a stride of 3 and a phase without taps (1x1, s=2).
+CASES = [(2, 2, "VALID"), (4, 2, ((2, 2), (2, 2))), (3, 2, ((1, 2), (1, 2))), (3, 2, "SAME"), (4, 2, "SAME"),
+         (3, 2, "VALID"), (5, 3, ((1, 3), (2, 2))), (1, 2, "VALID")]
+
+
+def _pair(kernel, stride, padding, use_bias=True):
+  kwargs = dict(strides=(stride, stride), padding=padding, use_bias=use_bias)
+  return (nnx.ConvTranspose(3, 5, (kernel, kernel), rngs=nnx.Rngs(3), **kwargs),
+          layers.SubpixelConvTranspose(3, 5, (kernel, kernel), rngs=nnx.Rngs(3), **kwargs))
+
+
+def _loss_and_grads(layer, x, target):
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)) * target)
+
+  return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", CASES)
+def test_subpixel_matches_conv_transpose_forward_and_gradients(kernel, stride, padding):
+  ref, fast = _pair(kernel, stride, padding)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  assert fast._subpixel_plan(x) is not None  # the fast path runs, not the fallback
+  y_ref, y_fast = ref(x), fast(x)
+  assert y_fast.shape == y_ref.shape
+  np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+  target = jax.random.normal(jax.random.key(1), y_ref.shape)
+  (l_ref, (gp_ref, gx_ref)), (l_fast, (gp_fast, gx_fast)) = (_loss_and_grads(ref, x, target),
+                                                             _loss_and_grads(fast, x, target))
+  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(gp_fast), jax.tree.leaves(gp_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_fast_path_is_not_lax_conv_transpose():
+  """The speed comes from avoiding the input-dilated convolution: the jaxpr has no lhs_dilation other than 1."""
+  _, fast = _pair(2, 2, "VALID")
+  x = jnp.zeros((1, 4, 4, 3))
+  graphdef, params = nnx.split(fast)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)), argnums=(0, 1)))(params, x))
+  assert "lhs_dilation=(2, 2)" not in jaxpr
+
+
+def test_same_parameters_as_conv_transpose():
+  ref, fast = _pair(4, 2, ((2, 2), (2, 2)), use_bias=False)
+  assert set(nnx.state(fast).to_pure_dict()) == set(nnx.state(ref).to_pure_dict()) == {"kernel"}
+  ref, fast = _pair(2, 2, "VALID")
+  ref_state, fast_state = nnx.state(ref).to_pure_dict(), nnx.state(fast).to_pure_dict()
+  assert jax.tree.structure(ref_state) == jax.tree.structure(fast_state)
+  for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(fast_state)):
+    np.testing.assert_array_equal(a, b)   # same shapes and the same initial values from the same rngs
+
+
+def _swap_ups_for_reference(ups):
+  """Replaces each SubpixelConvTranspose in `ups` by an nnx.ConvTranspose with the same arguments and weights."""
+  for i, up in enumerate(ups):
+    ref = nnx.ConvTranspose(up.in_features, up.out_features, up.kernel_size, strides=up.strides,
+                            padding=up.padding, use_bias=up.use_bias, rngs=nnx.Rngs(9))
+    ref.kernel[...] = up.kernel[...]
+    if up.use_bias:
+      ref.bias[...] = up.bias[...]
+    ups[i] = ref
+
+
+def _shapes(module):
+  return jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(module).to_pure_dict())
+
+
+@pytest.mark.parametrize("build", ["generator", "unet", "resnet"])
+def test_networks_keep_their_checkpoint_layout_and_outputs(build):
+  """A state with nnx.ConvTranspose (as checkpoints before the swap hold) restores into the new networks and gives
+  the same outputs."""
+  if build == "generator":
+    config = arterial.get_config("smoke").model.generator
+    make, size = lambda: models.Generator(config, rngs=nnx.Rngs(0)), 32
+  else:
+    config = (pix2pix_config.get_config("arterial,smoke").pix2pix.generator if build == "unet" else
+              cyclegan_config.get_config("arterial,smoke").cyclegan.generator)
+    cls = baseline_models.UNetGenerator if build == "unet" else baseline_models.ResnetGenerator
+    make, size = lambda: cls(config, rngs=nnx.Rngs(0)), 32
+  new, old = make(), make()
+  assert any(isinstance(u, layers.SubpixelConvTranspose) for u in new.ups)
+  _swap_ups_for_reference(old.ups)
+  assert _shapes(new) == _shapes(old)
+  restored = make()
+  nnx.update(restored, nnx.state(old))
+  x = jax.random.uniform(jax.random.key(1), (2, size, size, new.in_channels if build != "generator" else 3))
+  for m in (old, restored):
+    m.eval()
+  np.testing.assert_allclose(restored(x), old(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  config = arterial.get_config("smoke")
+  config.model.compute_dtype = "bfloat16"
+  assert config.model.generator.compute_dtype == config.model.discriminator.compute_dtype == "bfloat16"
+  gen = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+  disc = models.Discriminator(config.model.discriminator, rngs=nnx.Rngs(1))
+  config32 = arterial.get_config("smoke")
+  gen32 = models.Generator(config32.model.generator, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  for module in (gen, disc):
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(module))} == {jnp.dtype(jnp.float32)}
+  y, y32 = gen(x), gen32(x)
+  assert y.dtype == jnp.float32 and disc(x, y).dtype == jnp.float32
+  # The same weights in bf16 give the float32 result to bf16 precision, and not exactly (bf16 really runs).
+  assert 0 < float(jnp.max(jnp.abs(y - y32))) < 0.1 * float(jnp.max(jnp.abs(y32)))
+  with pytest.raises(ValueError, match="compute_dtype"):
+    config.model.compute_dtype = "float16"
+    models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_training_steps_run_with_finite_losses():
+  config = arterial.get_config("smoke")
+  config.model.compute_dtype = "bfloat16"
+  config.perceptual.init_generator = False
+  config.perceptual.pretext_checkpoint = "unused"
+  method = methods.create(config)
+  with mock.patch.object(pretrain, "load_pretext_encoder",
+                         lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(5)).encoder):
+    module = method.create_state(steps_per_epoch=10)
+  graphdef, state = nnx.split(module)
+  before = jax.tree.map(np.array, nnx.to_pure_dict(state))
+  step = train.jit_train_step(method, graphdef, sharding.make_mesh())
+  k1, k2 = jax.random.split(jax.random.key(0))
+  batch = {"pre": jax.random.uniform(k1, (2, 32, 32, 3), minval=-1, maxval=1),
+           "post": jax.random.uniform(k2, (2, 32, 32, 1), minval=-1, maxval=1)}
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    metrics = jax.device_get(metrics)
+    assert metrics["g_loss"].dtype == np.float32 and metrics["d_loss"].dtype == np.float32
+    assert all(np.isfinite(v).all() for v in metrics.values())
+  after = nnx.to_pure_dict(jax.device_get(state))
+  leaves_before, leaves_after = jax.tree.leaves(before), jax.tree.leaves(after)
+  assert all(np.asarray(a).dtype == np.asarray(b).dtype for a, b in zip(leaves_before, leaves_after))
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["generators"]),
+                                                     jax.tree.leaves(after["generators"]))]
+  assert any(changed)
