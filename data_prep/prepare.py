@@ -22,6 +22,7 @@ import shutil
 from etils import epath
 
 from data_prep import phases
+from data_prep import progress as progress_lib
 
 log = logging.getLogger("data_prep.prepare")
 
@@ -157,7 +158,8 @@ def ensure_dataset(config, workdir: str) -> str:
     shutil.rmtree(dicom_dir, ignore_errors=True)
     log.info("No data.dir: generating %d phantom cases in %s", p.cases, dicom_dir)
     phantom.generate(dicom_dir, cases=int(p.cases), seed=int(p.seed), size=int(p.size), slices=int(p.slices),
-                     slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True)
+                     slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True,
+                     progress=progress_lib.Progress("phantom", int(p.cases), "cases").update)
     with open(dicom_stamp, "w") as f:
       json.dump(dicom_settings, f)
   log.info("Converting the phantom to records in %s", converted)

@@ -41,6 +41,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from data_prep import progress as progress_lib
+
 from vcect_jax import hu
 from vcect_jax import metrics
 
@@ -248,7 +250,7 @@ def evaluate_source(source, predict_fn: PredictFn | None, window: hu.Window, bat
   cases, flat, figures = collections.OrderedDict(), {m: [] for m in methods}, []
   index = case_index(source)
   n_cases = min(len(index), max_cases) if max_cases else len(index)
-  progress = _progress(n_cases)
+  progress = progress_lib.Progress("evaluating", n_cases, "cases", emit=logging.info)
   for n, case in enumerate(iter_cases(source, max_cases, index)):
     virtuals = {}
     if predict_fn is not None:
@@ -263,8 +265,7 @@ def evaluate_source(source, predict_fn: PredictFn | None, window: hu.Window, bat
       figures.append(_figure_data(case, virtuals[methods[0]]))
     logging.info("case %d/%d %s (%d slices): %s", n + 1, n_cases, case.case_id[:12], len(case.slice_index),
                  ", ".join(f"{m} MAE {results[m]['hu']['mae']:.1f} HU" for m in methods))
-    progress.update(1)
-  progress.close()
+    progress.update(n + 1)
   return {"methods": methods, "cases": cases, "overall": {m: summarize(flat[m]) for m in methods},
           "figures": figures}
 
@@ -274,24 +275,6 @@ def _figure_data(case: Case, virtual: np.ndarray) -> dict:
   return {"case_id": case.case_id, "pre": case.current_pre_hu.astype(np.float32),
           "real": case.post_hu.astype(np.float32), "virtual": virtual, "body_mask": case.body_mask,
           "pixel_spacing_mm": case.pixel_spacing_mm, "slice_spacing_mm": case.slice_spacing_mm}
-
-
-class _NoProgress:
-
-  def update(self, n):
-    del n
-
-  def close(self):
-    pass
-
-
-def _progress(total: int):
-  """A tqdm bar over cases where tqdm is installed and stderr is a terminal; the log lines say the rest."""
-  try:
-    import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return _NoProgress()
-  return tqdm.tqdm(total=total, unit="case", desc="evaluating", disable=None)
 
 
 # ------------------------------------------------------------------------------------------------ eval mode
@@ -349,7 +332,7 @@ def run(config, workdir: str) -> dict:
   if encoder is not None:
     add_perceptual_heatmaps(results["figures"], encoder, window)
   results.update({"phase": phase, "split": ev.split, "step": loaded.step, "checkpoint": loaded.path,
-                  "data_dir": os.path.abspath(data_dir), "window": {"level": window.level, "width": window.width},
+                  "data_dir": _absolute(data_dir), "window": {"level": window.level, "width": window.width},
                   "method": model_config.get("method", "dual_path_gan")})
   report_dir = ev.report_dir or os.path.join(workdir, "report")
   files = report.write_report(results, report_dir)
@@ -387,6 +370,11 @@ def _pretext_encoder(model_config):
   except (FileNotFoundError, ValueError) as e:
     logging.warning("The pretext encoder in %s cannot be loaded (%s): no perceptual heatmaps", path, e)
     return None
+
+
+def _absolute(path: str) -> str:
+  """An absolute local path; a cloud path (gs://...) as it is."""
+  return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
 def _data_dir(config, model_config, workdir: str) -> str:

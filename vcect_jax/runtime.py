@@ -115,17 +115,31 @@ def dispatch(config, workdir: str):
   check_config(config)
   logging.info("Mode %s, work directory %s, %d devices", config.mode, workdir, jax.device_count())
   if config.mode == "prepare":
-    return prepare_inputs(config, workdir).data.dir
+    data_dir = prepare_inputs(config, workdir).data.dir
+    logging.info("Done: the records are in %s (with manifest.json); train on them with --config.data.dir=%s",
+                 data_dir, data_dir)
+    return data_dir
   if config.mode == "eval":
     from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-    return evaluate.run(config, workdir)
+    result = evaluate.run(config, workdir)
+    logging.info("Done: wrote the evaluation report (%d files: tables, metrics, figures) to %s",
+                 len(result["files"]), result["report_dir"])
+    return result
   if config.mode == "pretrain":
     from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
 
     if config.data.dir or config.pretrain.source == "records":
       config = prepare_inputs(config, workdir)
-    return pretrain.pretrain(config, workdir)
+    result = pretrain.pretrain(config, workdir)
+    logging.info("Done: wrote the pretext classifier to %s (give it to training as "
+                 "--config.perceptual.pretext_checkpoint=%s); logs in %s", result["checkpoint"],
+                 result["checkpoint"], workdir)
+    return result
   from vcect_jax import train  # pylint: disable=g-import-not-at-top
 
-  return train.train_and_evaluate(prepare_inputs(config, workdir), workdir)
+  result = train.train_and_evaluate(prepare_inputs(config, workdir), workdir)
+  logging.info("Done: step %d; checkpoints in %s, TensorBoard logs in %s (tensorboard --logdir %s); evaluate with "
+               "--config.mode=eval --config.eval.checkpoint=%s", result["step"], os.path.join(workdir, "checkpoints"),
+               workdir, workdir, workdir)
+  return result

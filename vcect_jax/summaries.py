@@ -1,7 +1,8 @@
 """TensorBoard summaries (clu metric writers, process 0 only) and the console progress line.
 
 Scalars carry `train_` / `eval_` prefixes. Image grids show, per validation slice, the non-contrast input |
-virtual | real | |virtual - real| on the training window, and the perceptual heatmaps of the four encoder blocks.
+virtual | real | |virtual - real| on the training window, and the perceptual heatmaps of the four encoder blocks,
+each panel titled in a strip above it (`Method.image_panels`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from vcect_jax import input_pipeline
 from vcect_jax import sharding
 
 IMAGE_EXAMPLES = 2
+# Longest silence of the console between two `log_every` lines: a progress line (step, steps/s, ETA) comes at least
+# this often, so that a slow run (paper-size pretraining on a CPU) shows it is alive.
+HEARTBEAT_S = 30.0
 
 
 class Writer:
@@ -41,6 +45,14 @@ class Writer:
   def images(self, step: int, images: dict) -> None:
     self._writer.write_images(step, images)
 
+  def heartbeat(self, step: int) -> None:
+    """`step 12/500 (2%)  0.35 steps/s  ETA 0:23:14` when no console line came for HEARTBEAT_S seconds."""
+    now = time.monotonic()
+    if self._last_console is None:
+      self._last_console = (now, step)
+    elif now - self._last_console[0] >= HEARTBEAT_S:
+      self.console(step, {})
+
   def console(self, step: int, means: dict) -> None:
     """`step 120/500 (24%)  g_loss 0.41  d_loss 1.23  2.1 steps/s  ETA 0:03:01` (the method's console keys)."""
     now = time.monotonic()
@@ -59,8 +71,39 @@ class Writer:
     self._writer.close()
 
 
-def write_images(writer: Writer, image_step, state, source, transform, step: int, mesh) -> None:
-  """The method's image grids (values in [0, 1]) for the first validation examples.
+def label_panels(images: np.ndarray, labels) -> np.ndarray:
+  """Image grids `(B, H, n*W, C)` in [0, 1] of n side-by-side panels, with each panel's title in a strip above it.
+
+  Small panels are first enlarged (nearest neighbour, an integer factor) so that the longest title fits.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw
+  from PIL import ImageFont
+
+  images = np.asarray(images, np.float32)
+  b, h, width, c = images.shape
+  n = len(labels)
+  if not n or width % n:
+    return images
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+  boxes = [measure.textbbox((0, 0), text, font=font) for text in labels]
+  text_w = max(x1 - x0 for x0, _, x1, _ in boxes) + 4
+  text_h = max(y1 for _, _, _, y1 in boxes) + 4
+  scale = max(1, -(-text_w // (width // n)))
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  panel = width // n * scale
+  strip = Image.new("L", (width * scale, text_h), 0)
+  draw = ImageDraw.Draw(strip)
+  for i, text in enumerate(labels):
+    draw.text((i * panel + 2, 1), text, fill=255, font=font)
+  header = np.asarray(strip, np.float32)[None, :, :, None] / 255.0
+  return np.concatenate([np.broadcast_to(header, (b, text_h, width * scale, c)), images], axis=1)
+
+
+def write_images(writer: Writer, image_step, state, source, transform, step: int, mesh, panels=None) -> None:
+  """The method's image grids (values in [0, 1]) for the first validation examples, each panel titled as
+  `panels[key]` says (`Method.image_panels`).
 
   Every process runs this (the step is a collective over all devices); the images are gathered everywhere and
   only process 0's writer writes them.
@@ -73,4 +116,5 @@ def write_images(writer: Writer, image_step, state, source, transform, step: int
   if not images:
     return
   images = multihost_utils.process_allgather(images, tiled=True)
-  writer.images(step, {k: np.asarray(v) for k, v in images.items()})
+  panels = panels or {}
+  writer.images(step, {k: label_panels(np.asarray(v), panels.get(k, ())) for k, v in images.items()})

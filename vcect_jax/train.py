@@ -109,6 +109,7 @@ def train_and_evaluate(config, workdir: str, method=None) -> dict:
   pending = []  # (step, device metrics) since the last host fetch
   last_eval, last_train = {}, {}
   timer = None  # (time, step) after the first step, so that compilation is not counted
+  started = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
       while step < total_steps:
@@ -120,13 +121,17 @@ def train_and_evaluate(config, workdir: str, method=None) -> dict:
         if timer is None:
           jax.block_until_ready(step_metrics)
           timer = (time.perf_counter(), step)
+          logging.info("step %d/%d done (compilation included: %.1f s); a line at least every %.0f s from now on",
+                       step, total_steps, timer[0] - started, summaries.HEARTBEAT_S)
+        writer.heartbeat(step)
 
         last = step == total_steps
         if (step % loop.log_every == 0 or last or step % loop.checkpoint_every == 0 or preempted.is_set()):
           last_train = _flush_scalars(writer, pending, method.learning_rates(step))
           pending = []
         if step % loop.image_every == 0 or last:
-          summaries.write_images(writer, image_step, state, val_source, method.eval_example, step, mesh)
+          summaries.write_images(writer, image_step, state, val_source, method.eval_example, step, mesh,
+                                 method.image_panels)
         if step % loop.eval_every == 0 or last:
           last_eval = evaluate(eval_step, state, val_source, method.eval_example, loop, mesh)
           writer.scalars(step, {f"eval_{k}": v for k, v in last_eval.items()})

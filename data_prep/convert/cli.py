@@ -6,9 +6,11 @@ import argparse
 import logging
 import pathlib
 import sys
+import time
 
 from data_prep import cli_help
 from data_prep import phases as phases_lib
+from data_prep import progress as progress_lib
 from data_prep import records
 from data_prep.convert import job
 from data_prep.convert import shards
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="3-D deformable registration (SimpleITK) of each contrast volume onto the non-contrast one "
                       "after the affine step: bspline (mutual information) or demons (on HU clipped to [-200, 60]); "
                       "the misalignment rule then tests the residual (benchmarks/RESULTS.md, issue 12: cost, effect)")
-  p.add_argument("--verbose", action="store_true", help="log every case and every skipped file")
+  p.add_argument("--verbose", action="store_true", help="log every case (and with it what was skipped, by kind)")
+  p.add_argument("--quiet", action="store_true", help="no progress lines")
   return p
 
 
@@ -105,14 +108,19 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
   """Runs the conversion of the command line; returns the exit status (2 with a message on bad input)."""
   settings, args = _parse(argv)
+  t0 = time.perf_counter()
   try:
-    manifest = job.run(settings, overwrite=args.overwrite)
+    manifest = job.run(settings, overwrite=args.overwrite,
+                       emit_progress=(lambda _: None) if args.quiet else progress_lib.to_stderr)
   except (ValueError, OSError) as e:
     print(f"data_prep.convert: error: {e}", file=sys.stderr)
     return 2
   for phase, p in manifest["phases"].items():
     counts = ", ".join(f"{s} {v['examples']} ({v['cases']} cases)" for s, v in p["splits"].items())
     print(f"{phase}: {counts}; {len(p['excluded_pairs'])} pairs excluded, {len(p['skipped_cases'])} cases skipped")
-  print(f"{len(manifest['skipped_files'])} files and {len(manifest['skipped_series'])} series skipped; "
-        f"see {pathlib.Path(settings.output) / shards.MANIFEST}")
+  print(f"{job.skip_summary([s['reason'] for s in manifest['skipped_files']], 'files')}; "
+        f"{len(manifest['skipped_series'])} series skipped")
+  out = pathlib.Path(settings.output)
+  print(f"wrote the records of {', '.join(manifest['phases'])} to {out}/<phase>/ and the manifest to "
+        f"{out / shards.MANIFEST} in {time.perf_counter() - t0:.1f} s")
   return 0

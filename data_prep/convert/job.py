@@ -6,6 +6,7 @@ Worker processes come from a fork server that imports this module (never a ``__m
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ import time
 from data_prep import dicom_io
 from data_prep import phases as phases_lib
 from data_prep import privacy
+from data_prep import progress as progress_lib
 from data_prep.convert import shards
 from data_prep.convert.case import convert_case
 from data_prep.convert.plan import CasePlan
@@ -114,12 +116,13 @@ def _differing_settings(old: dict, settings: Settings) -> list[str]:
   return out
 
 
-def run(settings: Settings, overwrite: bool = False) -> dict:
+def run(settings: Settings, overwrite: bool = False, emit_progress=None) -> dict:
   """Runs the whole conversion; returns the manifest (also written to OUT/manifest.json).
 
   Args:
     settings: what to convert and how.
     overwrite: replace an earlier conversion in the output folder made with other settings (else refused).
+    emit_progress: where the progress lines (cases done, ETA) go; default: this module's logger at INFO.
 
   Raises:
     ValueError: bad settings or nothing converted (the message says why).
@@ -137,26 +140,29 @@ def run(settings: Settings, overwrite: bool = False) -> dict:
   log.info("scanning %s", root)
   studies, skipped_files = dicom_io.scan(root)
   cases, skipped_series = plan_cases(studies, rules, root, key, settings)
-  log.info("%d studies, %d files skipped", len(cases), len(skipped_files))
+  log.info("%d studies; %s", len(cases), skip_summary([s.reason for s in skipped_files], "files"))
   for s in skipped_files:
-    log.info("skipped file %s: %s", s.what, s.reason)
+    log.debug("skipped file %s: %s", s.what, s.reason)
 
   cache = shards.open_cache(out, settings, key)
   summaries = shards.finished_cases(cache, cases)
   todo = [plan for plan in cases if plan.name not in summaries]
   if summaries:
     log.info("resuming: %d cases already converted, %d to go", len(summaries), len(todo))
+  progress = progress_lib.Progress("converting", len(todo), "cases", emit=emit_progress or log.info)
   with _pool(settings.workers) as pool:
     if pool is not None and len(todo) > 1:
       futures = {pool.submit(run_case, plan, settings, cache): plan for plan in todo}
-      for f in concurrent.futures.as_completed(futures):
+      for done, f in enumerate(concurrent.futures.as_completed(futures), 1):
         plan = futures[f]
         summaries[plan.name] = f.result()
         _log_case(summaries[plan.name])
+        progress.update(done)
     else:
-      for plan in todo:
+      for done, plan in enumerate(todo, 1):
         summaries[plan.name] = run_case(plan, settings, cache)
         _log_case(summaries[plan.name])
+        progress.update(done)
     manifest = shards.assemble(settings, out, cache, cases, summaries, skipped_files, skipped_series, key_path,
                                time.time() - t0, pool)
   total = sum(p["splits"][s]["examples"] for p in manifest["phases"].values() for s in p["splits"])
@@ -168,10 +174,24 @@ def run(settings: Settings, overwrite: bool = False) -> dict:
   return manifest
 
 
+def skip_summary(reasons: list[str], what: str) -> str:
+  """One line for many skipped items: `98 files skipped (80 x not a DICOM file, 18 x ...)`; the details (which
+  item, why) stay in the manifest."""
+  if not reasons:
+    return f"no {what} skipped"
+  counts = collections.Counter(reasons)
+  kinds = ", ".join(f"{n} x {reason}" for reason, n in counts.most_common(4))
+  more = f", {len(counts) - 4} more kinds" if len(counts) > 4 else ""
+  return f"{len(reasons)} {what} skipped ({kinds}{more}; listed in {shards.MANIFEST})"
+
+
 def _log_case(summary: dict) -> None:
+  """One line per case: each phase's records, exclusions and z offset, or why the phase was skipped."""
+  parts = []
   for phase, stats in summary["phases"].items():
     if "skipped" in stats:
-      log.info("case %s %s: skipped: %s", summary["case_id"], phase, stats["skipped"])
+      parts.append(f"{phase} skipped ({stats['skipped']})")
     else:
-      log.info("case %s %s: %d records, %d pairs excluded, z offset %.2f mm", summary["case_id"], phase,
-               stats["examples"], len(stats["excluded_pairs"]), stats["z_offset_mm"])
+      parts.append(f"{phase} {stats['examples']} records ({len(stats['excluded_pairs'])} pairs excluded, "
+                   f"z offset {stats['z_offset_mm']:.2f} mm)")
+  log.info("case %s: %s", summary["case_id"], "; ".join(parts))

@@ -69,6 +69,9 @@ class Method:
   generator_key: tuple[str, ...] = ()
   # Summary name of the metric that the console line shows first.
   console_keys: tuple[str, ...] = ()
+  # Titles of the equal-width panels, left to right, of each image grid of `images()` (by its key): TensorBoard
+  # shows them above the panels.
+  image_panels: dict[str, tuple[str, ...]] = {}
 
   def __init__(self, config):
     self.config = config

@@ -33,6 +33,10 @@ def eval_metrics(virtual: jax.Array, batch, window: hu.Window) -> dict[str, jax.
   }
 
 
+COMPARISON_PANELS = ("non-contrast", "virtual", "real", "|virtual - real|")
+HEATMAP_PANELS = ("block /2", "block /4", "block /8", "block /16")
+
+
 def comparison_grid(virtual: jax.Array, batch) -> jax.Array:
   """Non-contrast | virtual | real | |virtual - real| on the training window, `(B, H, 4W, 1)` in [0, 1]."""
   pre = hu.model_to_unit(batch["pre"][..., 1])
@@ -43,6 +47,8 @@ def comparison_grid(virtual: jax.Array, batch) -> jax.Array:
 
 class ContrastMethod(base.Method):
   """Records of `config.phase` windowed to [-1, 1]; loop settings from `config.train` (epochs: `epochs()`)."""
+
+  image_panels = {"pre_virtual_real_absdiff": COMPARISON_PANELS, "perceptual_heatmaps": HEATMAP_PANELS}
 
   def __init__(self, config):
     super().__init__(config)
