@@ -1,0 +1,88 @@
+"""The Colab notebooks (colab/*.ipynb) run headless on the CPU with their smoke settings, and are stored clean.
+
+Each notebook is executed by nbclient in a fresh kernel, with `VCECT_NOTEBOOK_SMOKE=1` (the notebooks' parameters
+cell then picks the `:smoke` configs) and its work directories in a temporary folder. Colab-only and TPU-only
+cells are guarded by `notebook.in_colab()` / `notebook.tpu_runtime()` and do nothing here.
+"""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist():
+  assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_train_tpu.ipynb", "03_inference.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs(path):
+  notebook = json.loads(path.read_text())
+  for cell in notebook["cells"]:
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: strip the outputs"
+  tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+  assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters'"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_hold_no_definitions(path):
+  """Notebooks drive the library: functions and classes belong in vcect_jax/notebook.py."""
+  notebook = json.loads(path.read_text())
+  for cell in notebook["cells"]:
+    source = "".join(cell["source"])
+    if cell["cell_type"] == "code":
+      assert "def " not in source and "class " not in source, f"{path.name}: move this into the library:\n{source}"
+
+
+# What each notebook must have produced under its working folder (beyond running without an error).
+PRODUCTS = {
+    "01_quickstart": ["workdir/notebook_smoke/data/dicom/preview.png",
+                      "workdir/notebook_smoke/report/figure7_arterial_axial.png",
+                      "workdir/notebook_smoke/report/enhancement_arterial.png",
+                      "workdir/notebook_smoke/report/table_arterial.md"],
+    "02_train_tpu": ["workdir/tpu_smoke/checkpoints/6"],
+    "03_inference": ["workdir/notebook_inference/virtual/arterial", "workdir/notebook_inference/virtual/portal",
+                     "workdir/notebook_inference/virtual/delayed", "workdir/notebook_inference/virtual.zip"],
+}
+# Inline figures each notebook shows (matplotlib figures and PNG files).
+MIN_IMAGES = {"01_quickstart": 6, "02_train_tpu": 1, "03_inference": 1}
+
+
+def _execute(path: pathlib.Path, cwd: pathlib.Path):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  notebook = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                          resources={"metadata": {"path": str(cwd)}}).execute()
+  outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+  return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_headless(path, tmp_path, monkeypatch):
+  pytest.importorskip("ipykernel")
+  # The kernel inherits this environment: smoke settings, the CPU, the repository on the import path.
+  monkeypatch.setenv("VCECT_NOTEBOOK_SMOKE", "1")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+  outputs = _execute(path, tmp_path)  # raises CellExecutionError, with the cell and its traceback, on a failure
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) >= MIN_IMAGES[path.stem], f"{path.name}: {len(images)} inline images"
+  missing = [p for p in PRODUCTS[path.stem] if not (tmp_path / p).exists()]
+  assert not missing, f"{path.name} did not write {missing}"
+  if path.stem == "02_train_tpu":  # the second run resumed: it found the final checkpoint of the first
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "newest checkpoint before this run: None" in text and "newest checkpoint: 6" in text, text[-2000:]
+  if path.stem == "03_inference":
+    import zipfile  # pylint: disable=import-outside-toplevel
+
+    names = zipfile.ZipFile(tmp_path / PRODUCTS[path.stem][-1]).namelist()
+    assert {n.split("/")[1] for n in names if n.endswith(".dcm")} == {"arterial", "portal", "delayed"}
