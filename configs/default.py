@@ -105,7 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   pretrain.decay_epochs = 8                   # learning rate times decay_factor after this many epochs
   pretrain.decay_factor = 0.1
   pretrain.batch_size = 2                     # slices per step; each enters with all alphas (4x the examples)
-  pretrain.steps = 0                          # > 0: train this many steps instead of `epochs`
+  # > 0: train this many steps instead of `epochs`; as with `train.steps`, the decay comes at step
+  # steps * decay_epochs / epochs, so it moves with `steps` (logged at the start).
+  pretrain.steps = 0
   # Non-contrast slices: 'records' (`pre` of converted records under records_dir, splits train/validation),
   # 'phantom' (in-memory synthetic cases from data.phantom), 'dicom' (the non-contrast series of a DICOM folder,
   # dicom_dir), 'npy' (int16 HU (N, 3, H, W) files npy_train and npy_validation), or 'auto' ('records' when
@@ -147,7 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.epochs = 50
   train.decay_epochs = 40                     # both learning rates times decay_factor after this many epochs
   train.decay_factor = 0.1
-  train.steps = 0                             # > 0: train this many steps instead of `epochs`
+  # > 0: train this many steps instead of `epochs`. The learning-rate decay then comes at the same fraction of the
+  # run, step steps * decay_epochs / epochs (the baselines: their linear decay spread over the steps), so it moves
+  # with `steps`: a run extended from 4000 to 8000 steps (same workdir) does not continue the schedule it started,
+  # it decays later. The decay step is logged at the start of every run.
+  train.steps = 0
   train.generator_lr = 5e-5
   train.discriminator_lr = 2e-4
   train.b1 = 0.9                              # Adam betas (PyTorch defaults; the authors' code uses 0.5)

@@ -63,11 +63,16 @@ def learning_rate_schedule(base_lr: float, train_config, steps_per_epoch: int) -
   With `steps` set, the decay comes at the same fraction of the run (`steps * decay_epochs / epochs`).
   """
   t = train_config
+  return optax.piecewise_constant_schedule(base_lr, {decay_step(t, steps_per_epoch): t.decay_factor})
+
+
+def decay_step(train_config, steps_per_epoch: int) -> int:
+  """The step after which the learning rates are multiplied by `decay_factor`: `decay_epochs` epochs in, or with
+  `steps` set the same fraction of `steps` (so a larger `train.steps` moves it)."""
+  t = train_config
   if t.steps > 0:
-    decay_step = int(round(t.steps * t.decay_epochs / t.epochs))
-  else:
-    decay_step = int(t.decay_epochs * steps_per_epoch)
-  return optax.piecewise_constant_schedule(base_lr, {decay_step: t.decay_factor})
+    return int(round(t.steps * t.decay_epochs / t.epochs))
+  return int(t.decay_epochs * steps_per_epoch)
 
 
 def make_optimizer(schedule: optax.Schedule, train_config) -> optax.GradientTransformation:
@@ -137,6 +142,13 @@ class DualPathGAN(contrast.ContrastMethod):
   # ---- state
   def _learning_rates(self, steps_per_epoch: int):
     t = self.config.train
+    step = decay_step(t, steps_per_epoch)
+    total = int(t.steps) if t.steps > 0 else int(math.ceil(t.epochs * steps_per_epoch))
+    logging.info("learning rates: generator %g, discriminator %g, times %g after step %d of %d (%s)",
+                 t.generator_lr, t.discriminator_lr, t.decay_factor, step, total,
+                 f"train.decay_epochs/train.epochs = {t.decay_epochs:g}/{t.epochs:g} of train.steps={t.steps}: "
+                 "a larger train.steps moves the decay" if t.steps > 0 else
+                 f"train.decay_epochs={t.decay_epochs:g} epochs of {steps_per_epoch} steps")
     return (learning_rate_schedule(t.generator_lr, t, steps_per_epoch),
             learning_rate_schedule(t.discriminator_lr, t, steps_per_epoch))
 

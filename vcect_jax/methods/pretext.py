@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from vcect_jax import hu
@@ -116,6 +117,9 @@ class Pretext(base.Method):
     cfg = self.config.pretrain
     total = self.loop_settings().total_steps(steps_per_epoch)
     decay_step = max(1, round(total * float(cfg.decay_epochs) / float(cfg.epochs)))
+    logging.info("pretext learning rate %g, times %g after step %d of %d (pretrain.decay_epochs/pretrain.epochs = "
+                 "%g/%g of the run%s)", cfg.learning_rate, cfg.decay_factor, decay_step, total, cfg.decay_epochs,
+                 cfg.epochs, ": a larger pretrain.steps moves the decay" if cfg.steps > 0 else "")
     self._schedule = optax.piecewise_constant_schedule(float(cfg.learning_rate), {decay_step: float(cfg.decay_factor)})
     classifier = models.IntensityClassifier(self.config.model, rngs=nnx.Rngs(int(self.config.seed)))
     classifier.train()

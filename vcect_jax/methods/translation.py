@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 
 from vcect_jax import input_pipeline
@@ -125,6 +126,10 @@ class TranslationBaseline(contrast.ContrastMethod):
     total = self.loop_settings().total_steps(steps_per_epoch)
     per_epoch = total / epochs if self.config.train.steps > 0 else steps_per_epoch
     self._schedule = linear_decay(float(s.lr), float(s.n_epochs), float(s.n_epochs_decay), per_epoch)
+    logging.info("learning rate %g, decaying linearly from step %d to the end of step %d (%g + %g epochs%s)", s.lr,
+                 int(s.n_epochs * per_epoch), total, s.n_epochs, s.n_epochs_decay,
+                 " spread over train.steps: a larger train.steps moves the decay" if self.config.train.steps > 0
+                 else "")
     return optax.adam(self._schedule, b1=float(s.b1), b2=float(s.b2))
 
   def learning_rates(self, step: int) -> dict[str, float]:
