@@ -63,14 +63,23 @@ def _execute(path: pathlib.Path, cwd: pathlib.Path):
   return outputs
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the notebooks' kernels: their smoke networks are the same in every phase."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_headless(path, tmp_path, monkeypatch):
+def test_notebook_runs_headless(path, tmp_path, monkeypatch, compilation_cache):
   pytest.importorskip("ipykernel")
   # The kernel inherits this environment: smoke settings, the CPU, the repository on the import path.
   monkeypatch.setenv("VCECT_NOTEBOOK_SMOKE", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compilation_cache)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
   outputs = _execute(path, tmp_path)  # raises CellExecutionError, with the cell and its traceback, on a failure
   assert not [o for o in outputs if o.output_type == "error"]
