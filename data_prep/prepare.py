@@ -128,6 +128,11 @@ def ensure_dataset(config, workdir: str) -> str:
   """
   if config.data.dir:
     return check_dataset(config)
+  if "://" in str(workdir):
+    raise ValueError(
+        f"config.data.dir is empty, so the phantom would be generated under {workdir}/{DATA_SUBDIR}, but DICOM "
+        "conversion writes to a local disk: make it locally (--config.mode=prepare --workdir=LOCAL_DIR), copy "
+        f"LOCAL_DIR/{DATA_SUBDIR}/converted to the bucket, and set --config.data.dir to the copy")
   root = os.path.join(workdir, DATA_SUBDIR)
   converted = os.path.join(root, converted_name(config))
   stamp = os.path.join(root, "settings.json" if fold_of(config) is None else f"settings_fold{fold_of(config)}.json")

@@ -143,3 +143,31 @@ def test_training_resumes_past_a_damaged_checkpoint(trained_run, tmp_path):
   assert steps == [2, 3]
   assert os.path.isdir(os.path.join(copy, "checkpoints.damaged", "3"))
   assert sorted(int(d) for d in os.listdir(os.path.join(copy, "checkpoints")) if d.isdigit())[-1] == 4
+
+
+def test_paths_may_be_str_pathlike_or_cloud_urls(tmp_path):
+  """Workdirs and checkpoints go through etils.epath (gs:// in the cloud): the same code on local paths given as
+  str, pathlib.Path and epath.Path; cloud URLs are kept as they are (never made 'absolute' against the cwd)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  directory = str(tmp_path / "run" / "checkpoints")
+  _save_steps(epath.Path(directory), [3])
+  for run in (str(tmp_path / "run"), pathlib.Path(tmp_path / "run"), epath.Path(tmp_path / "run")):
+    assert ckpt_lib.resolve(run) == (directory, None)
+    assert ckpt_lib.resolve(epath.Path(directory) / "3") == (directory, 3)
+    assert ckpt_lib.read_config(ckpt_lib.resolve(run)[0]).phase == "arterial"
+  assert ckpt_lib.absolute("gs://bucket/runs/arterial/") == "gs://bucket/runs/arterial"
+  assert ckpt_lib.absolute("~/x") == os.path.join(os.path.expanduser("~"), "x")
+  from vcect_jax import pretrain  # pylint: disable=import-outside-toplevel
+
+  assert pretrain.export_path("gs://bucket/run") == "gs://bucket/run/pretext"
+
+
+def test_the_embedded_phantom_needs_a_local_workdir():
+  from data_prep import prepare  # pylint: disable=import-outside-toplevel
+  from tests.conftest import smoke_config  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match="set --config.data.dir"):
+    prepare.ensure_dataset(smoke_config(), "gs://bucket/run")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import threading
 
@@ -29,6 +28,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 ITEMS = ("state", "data_iter", "config")
@@ -57,11 +57,20 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def absolute(path) -> str:
+  """An absolute local path (`~` expanded), or a cloud path (`gs://...`, which Orbax, TensorBoard and etils.epath
+  read and write) as it is."""
+  path = os.fspath(path) if not isinstance(path, str) else path
+  if "://" in path:
+    return path.rstrip("/")
+  return os.path.abspath(os.path.expanduser(path))
+
+
 class Checkpointer:
-  """A CheckpointManager in `workdir/checkpoints` that keeps the last `keep` steps."""
+  """A CheckpointManager in `workdir/checkpoints` that keeps the last `keep` steps (local or gs:// paths)."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -119,12 +128,13 @@ class Checkpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable steps out of the manager's directory, keeping them for inspection."""
     if jax.process_index() == 0:
-      damaged = self.directory + ".damaged"
-      os.makedirs(damaged, exist_ok=True)
+      damaged = epath.Path(self.directory + ".damaged")
+      damaged.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        target = os.path.join(damaged, str(step))
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        target = damaged / str(step)
+        if target.exists():
+          target.rmtree()
+        (epath.Path(self.directory) / str(step)).rename(target)
         logging.warning("moved the unreadable checkpoint step %d to %s", step, target)
     self.manager.reload()
 
@@ -134,7 +144,7 @@ class Checkpointer:
 
 
 def _read_only_manager(checkpoint_dir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=ITEMS,
+  return ocp.CheckpointManager(absolute(checkpoint_dir), item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
@@ -153,14 +163,13 @@ def read_config(checkpoint_dir: str, step: int | None = None) -> ml_collections.
 
 def resolve(path: str) -> tuple[str, int | None]:
   """(checkpoints directory, step or None for the latest) of a work directory, checkpoints folder or step."""
-  path = os.path.abspath(os.path.expanduser(path))
-  name = os.path.basename(path.rstrip(os.sep))
-  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(name)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
-    return path, None
+  path = epath.Path(absolute(path))  # local or gs://
+  if path.name.isdigit() and (path / "state").is_dir():
+    return str(path.parent), int(path.name)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+    return str(path), None
   raise FileNotFoundError(
       f"no checkpoint at {path!r}: give a training work directory, its checkpoints/ folder or one step folder "
       "(checkpoints/<step>)")

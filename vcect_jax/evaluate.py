@@ -301,7 +301,7 @@ def run(config, workdir: str) -> dict:
   if not ev.checkpoint:
     raise EvaluationError("set --config.eval.checkpoint to a training work directory, its checkpoints/ folder "
                           "or one step folder (checkpoints/<step>)")
-  if not os.path.exists(ev.checkpoint):
+  if not epath.Path(ev.checkpoint).exists():  # local or gs://
     raise EvaluationError(f"config.eval.checkpoint={ev.checkpoint!r} does not exist")
   try:  # the config first (cheap): a wrong phase or data fails before the generator is built
     checkpoint_dir, step = checkpoint.resolve(ev.checkpoint)

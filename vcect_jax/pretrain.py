@@ -15,13 +15,14 @@ copies the encoder into a generator, as in the paper. `ensure_pretext_checkpoint
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
+from vcect_jax import checkpoint
 from vcect_jax import models
 from vcect_jax.methods.pretext import intensity_levels  # noqa: F401  (part of this module's API)
 
@@ -31,7 +32,7 @@ _FORMAT = "vcect_jax.pretext/1"
 
 def export_path(workdir: str) -> str:
   """Where a pretraining run in `workdir` writes its pretext checkpoint."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+  return os.path.join(checkpoint.absolute(workdir), CHECKPOINT_SUBDIR)  # local or gs://
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
@@ -47,7 +48,7 @@ def _description(config, **extra) -> dict:
 
 def save_pretext(path: str, classifier: models.IntensityClassifier, config, step: int, **extra) -> None:
   """Writes the classifier (encoder, head) and its description as step `step` of a CheckpointManager at `path`."""
-  path = os.path.abspath(path)
+  path = checkpoint.absolute(path)
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1)) as manager:
     manager.save(step, args=ocp.args.Composite(
         encoder=ocp.args.StandardSave(nnx.state(classifier.encoder)),
@@ -60,8 +61,8 @@ def read_description(path: str) -> tuple[int, dict]:
   """The latest step and the JSON description of a pretext checkpoint; a clear error when there is none."""
   hint = ("run the pretext pretraining first (`python -m vcect_jax.main --config=configs/pretrain.py "
           "--workdir=DIR` writes DIR/pretext) or point --config.perceptual.pretext_checkpoint at its output")
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = checkpoint.absolute(path)
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"pretext checkpoint {path!r} does not exist: {hint}")
   with ocp.CheckpointManager(path) as manager:
     step = manager.latest_step()
@@ -86,7 +87,7 @@ def _restore_encoder_state(path: str, encoder: models.Encoder):
     raise ValueError(f"pretext checkpoint {path!r} has an encoder with {have} but the model needs {want}: "
                      "pretrain again with the same config.model.generator, or change the model config")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(encoder))
-  with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+  with ocp.CheckpointManager(checkpoint.absolute(path)) as manager:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(encoder=ocp.args.StandardRestore(abstract)))
     except Exception as e:
@@ -141,7 +142,7 @@ def pretrain(config, workdir: str, train_source=None, validation_source=None) ->
   from vcect_jax.methods import pretext  # pylint: disable=g-import-not-at-top
 
   path = export_path(workdir)
-  if os.path.isdir(path) and os.listdir(path):
+  if epath.Path(path).is_dir() and any(epath.Path(path).iterdir()):
     raise FileExistsError(f"a pretext checkpoint already exists at {path!r}: choose another --workdir or delete it")
   sources = None
   if train_source is not None and validation_source is not None:
@@ -163,7 +164,7 @@ def ensure_pretext_checkpoint(config, workdir: str) -> str:
   """
   path = config.perceptual.pretext_checkpoint
   if path:
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
       raise FileNotFoundError(
           f"perceptual.pretext_checkpoint={path!r} does not exist: run `python -m vcect_jax.main "
           "--config=configs/pretrain.py` first and pass its <workdir>/pretext, or leave the field empty to "
@@ -171,14 +172,14 @@ def ensure_pretext_checkpoint(config, workdir: str) -> str:
     return path
   pretrain_workdir = os.path.join(workdir, "pretrain")
   path = export_path(pretrain_workdir)
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     try:
       read_description(path)
       logging.info("Reusing the pretext checkpoint in %s", path)
       return path
     except (FileNotFoundError, ValueError) as e:  # an interrupted export: do it again
       logging.warning("Discarding the unusable pretext checkpoint in %s: %s", path, e)
-      shutil.rmtree(path)
+      epath.Path(path).rmtree()
   logging.info("No perceptual.pretext_checkpoint: pretraining the intensity classifier in %s", pretrain_workdir)
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():

@@ -23,12 +23,14 @@ Figures need matplotlib (in requirements.txt); without it they are skipped with 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vcect_jax import metrics
 
@@ -50,7 +52,7 @@ DIFFERENCE_MAX_HU = 200.0  # top of the |virtual - real| colour scale
 
 def write_report(results: dict, report_dir: str) -> list[str]:
   """Writes every report file for one phase; returns their paths."""
-  os.makedirs(report_dir, exist_ok=True)
+  epath.Path(report_dir).mkdir(parents=True, exist_ok=True)  # a local or gs:// path
   phase = results.get("phase", "unknown")
   files = [write_json(results, os.path.join(report_dir, f"metrics_{phase}.json")),
            write_csv(results, os.path.join(report_dir, f"metrics_{phase}.csv")),
@@ -93,6 +95,12 @@ def jsonable(tree):
   return tree
 
 
+def _save(fig, path: str) -> None:
+  """A figure as PNG at a local or gs:// path."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", bbox_inches="tight")
+
+
 def write_json(results: dict, path: str) -> str:
   out = {k: v for k, v in results.items() if k != "figures"}
   out["conventions"] = {
@@ -101,7 +109,7 @@ def write_json(results: dict, path: str) -> str:
       "overall": "mean, std and n over cases of each case's value; nan values skipped",
       "definitions": "see the docstrings of vcect_jax/metrics.py and vcect_jax/evaluate.py",
   }
-  with open(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     json.dump(jsonable(out), f, indent=1)
   return path
 
@@ -109,16 +117,17 @@ def write_json(results: dict, path: str) -> str:
 def write_csv(results: dict, path: str) -> str:
   from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["method", "case", "metric", "value", "std", "n"])
-    for method in results["methods"]:
-      for case_id, case in results["cases"].items():
-        for key, value in evaluate.flatten(case["methods"][method]).items():
-          writer.writerow([method, case_id, key, _csv_number(value), "", ""])
-      for key, stats in results["overall"][method].items():
-        writer.writerow([method, "overall", key, _csv_number(stats["mean"]), _csv_number(stats["std"]),
-                         stats["n"]])
+  f = io.StringIO(newline="")  # epath's open() (gs://) takes no newline argument
+  writer = csv.writer(f)
+  writer.writerow(["method", "case", "metric", "value", "std", "n"])
+  for method in results["methods"]:
+    for case_id, case in results["cases"].items():
+      for key, value in evaluate.flatten(case["methods"][method]).items():
+        writer.writerow([method, case_id, key, _csv_number(value), "", ""])
+    for key, stats in results["overall"][method].items():
+      writer.writerow([method, "overall", key, _csv_number(stats["mean"]), _csv_number(stats["std"]),
+                       stats["n"]])
+  epath.Path(path).write_text(f.getvalue())
   return path
 
 
@@ -183,7 +192,7 @@ def write_table(results: dict, path: str) -> str:
   else:
     lines.append("No organ labels in these records.")
   lines.append("")
-  with open(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     f.write("\n".join(lines))
   return path
 
@@ -257,7 +266,7 @@ def figure_cases(figures: list[dict], path: str, view: str = "axial", window=Non
       if i == 0:
         axes[i, j].set_title(columns[j], fontsize=9)
   fig.suptitle(f"{title} — {view}, W{window.width:g}/L{window.level:g}", fontsize=10)
-  fig.savefig(path, bbox_inches="tight")
+  _save(fig, path)
   return path
 
 
@@ -288,7 +297,7 @@ def figure_enhancement(overall: dict, path: str, title: str = "") -> str:
     ax.text(0.01, 0.97, "1: enhancement learned; 0: none (identity)", transform=ax.transAxes, fontsize=7,
             va="top")
   ax.set_title(f"Enhancement ratio per organ — {title}", fontsize=10)
-  fig.savefig(path, bbox_inches="tight")
+  _save(fig, path)
   return path
 
 
@@ -320,5 +329,5 @@ def figure_perceptual(figures: list[dict], path: str, window=None, title: str = 
       if i == 0:
         axes[i, j].set_title(columns[j], fontsize=9)
   fig.suptitle(f"{title} — perceptual heatmaps (squared feature differences, channel mean)", fontsize=10)
-  fig.savefig(path, bbox_inches="tight")
+  _save(fig, path)
   return path

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from vcect_jax import checkpoint as ckpt_lib
@@ -68,7 +69,7 @@ def train_and_evaluate(config, workdir: str, method=None) -> dict:
   method = method or methods.create(config)
   method.validate()
   loop = method.loop_settings()
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local or gs:// path
 
   # ---- data
   train_source, val_source = method.sources(config.data.dir)
