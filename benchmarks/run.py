@@ -1,0 +1,211 @@
+"""JAX against the PyTorch reference on the same machine, in one process: generator forward and the training step.
+
+    .venv/bin/pip install -r benchmarks/requirements.txt     # torch, for the reference side only
+    .venv/bin/python benchmarks/run.py --quick               # 128 and 256 px, batch 2, 3 timed rounds (< 5 min)
+    .venv/bin/python benchmarks/run.py                       # the same with 7 timed rounds
+    .venv/bin/python benchmarks/run.py --tiny                # 32 px, narrow networks (the test suite's mode)
+
+For each image size (batch 2, the paper's networks, float32, CPU):
+  * "generator forward": inference, BatchNorm running statistics (JAX: jitted, eval mode; PyTorch: eval mode,
+    `torch.inference_mode`);
+  * "train step": the full dual-path GAN step (generator on the global path and the quadrants, discriminator
+    update, generator update with adversarial + pixel + perceptual terms; JAX: `vcect_jax.train.jit_train_step`,
+    the step the training loop runs; PyTorch: `benchmarks/torch_reference.py`). The pretext encoder of the
+    perceptual loss is a random one on both sides (same cost, no checkpoint needed).
+Both sides start from the same weights (copied from JAX to PyTorch). After one warm-up call of each (the JAX one
+compiles, its time is reported), the two alternate, round by round, so that both see the same machine load;
+medians are reported, with the ratio JAX/PyTorch in steps per second (= PyTorch seconds / JAX seconds; > 1 means
+JAX is faster). The load average is printed before and after each row: other jobs on the machine slow both sides,
+which is why only the ratios of one run are comparable. Without torch installed, the PyTorch side is reported as
+skipped and the JAX side still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from unittest import mock
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from flax import nnx
+
+from configs import arterial
+from vcect_jax import methods
+from vcect_jax import models
+from vcect_jax import pretrain
+from vcect_jax import sharding
+from vcect_jax import train
+
+try:
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+except ImportError:  # torch is only for this benchmark (benchmarks/requirements.txt)
+  torch = torch_reference = None
+
+GOALS = {"generator forward": 1.5, "train step": 1.2}   # JAX/PyTorch steps/s at 256 px on the CPU (issue 14)
+
+
+def make_config(size: int, batch: int, tiny: bool):
+  config = arterial.get_config("smoke" if tiny else None)
+  config.data.image_size = size
+  config.train.batch_size = batch
+  config.perceptual.init_generator = False
+  config.perceptual.pretext_checkpoint = "random-encoder"
+  return config
+
+
+def _batch(size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {"pre": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+          "post": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+def jax_forward(config, generator, pre: np.ndarray):
+  """A blocking call of the jitted generator in eval mode on `pre`."""
+  generator.eval()
+  graphdef, state = nnx.split(generator)
+  fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  x = jax.device_put(pre)
+  return lambda: jax.block_until_ready(fn(state, x))
+
+
+def jax_train_step(config, batch_np):
+  """(blocking step call, the module before the first step): the training loop's jitted, donated step."""
+  method = methods.create(config)
+  with mock.patch.object(pretrain, "load_pretext_encoder",
+                         lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(1)).encoder):
+    module = method.create_state(steps_per_epoch=1000)
+  mesh = sharding.make_mesh()
+  graphdef, state = nnx.split(module)
+  state = sharding.replicate(jax.tree.map(np.array, state), mesh)  # a copy: `module` keeps its arrays
+  step_fn = train.jit_train_step(method, graphdef, mesh)
+  batch = sharding.global_batch(batch_np, mesh)
+  holder = {"state": state, "metrics": None}
+
+  def step():
+    holder["state"], holder["metrics"] = step_fn(holder["state"], batch)
+    jax.block_until_ready((holder["state"], holder["metrics"]))
+    return holder["metrics"]
+
+  return step, module
+
+
+def torch_forward(config, jax_generator, pre: np.ndarray):
+  g = torch_reference.generator_from_jax(torch_reference.Generator(config.model.generator), jax_generator).eval()
+  x = torch_reference.nchw(pre)
+
+  def call():
+    with torch.inference_mode():
+      return g(x)
+
+  return call
+
+
+def torch_train_step(config, jax_module, batch_np):
+  if not config.dual_path.shared_generator:
+    raise ValueError("the PyTorch reference implements dual_path.shared_generator=True")
+  gen_cfg = config.model.generator
+  g = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), jax_module.generators.global_net)
+  d = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator),
+                                             jax_module.discriminator)
+  e = None
+  if config.loss.use_perceptual:
+    e = torch_reference.frozen_encoder_from_jax(jax_module.encoder, gen_cfg.in_channels, gen_cfg.widths)
+  step = torch_reference.DualPathStep(config, g, d, e)
+  pre, post = torch_reference.nchw(batch_np["pre"]), torch_reference.nchw(batch_np["post"])
+  return lambda: step(pre, post)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def compare(name: str, size: int, batch: int, jax_fn, torch_fn, rounds: int) -> dict:
+  """Warm-up (JAX compiles), then `rounds` alternating timed calls of each; medians in seconds."""
+  load_before = os.getloadavg()[0]
+  jax_first = _timed(jax_fn)
+  torch_first = _timed(torch_fn) if torch_fn else None
+  jax_times, torch_times = [], []
+  for _ in range(rounds):
+    jax_times.append(_timed(jax_fn))
+    if torch_fn:
+      torch_times.append(_timed(torch_fn))
+  jax_s = statistics.median(jax_times)
+  torch_s = statistics.median(torch_times) if torch_times else None
+  return {"measurement": name, "size": size, "batch": batch, "rounds": rounds,
+          "jax_s": jax_s, "torch_s": torch_s, "ratio": (torch_s / jax_s) if torch_s else None,
+          "jax_first_call_s": jax_first, "torch_first_call_s": torch_first,
+          "jax_min_s": min(jax_times), "torch_min_s": min(torch_times) if torch_times else None,
+          "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def _fmt_row(r: dict) -> str:
+  torch_ms = f"{r['torch_s'] * 1e3:9.1f}" if r["torch_s"] else "  skipped"
+  ratio = f"{r['ratio']:6.2f}" if r["ratio"] else "   n/a"
+  goal = GOALS.get(r["measurement"]) if r["size"] == 256 else None
+  goal_s = f">= {goal}" if goal else ""
+  return (f"{r['measurement']:18s} {r['size']:4d} {r['batch']:5d} {r['jax_s'] * 1e3:9.1f} {torch_ms} {ratio}  "
+          f"{goal_s:7s} {r['jax_first_call_s']:7.1f}   {r['load_before']:.1f} -> {r['load_after']:.1f}")
+
+
+def run(sizes=(128, 256), batch: int = 2, rounds: int = 3, tiny: bool = False, with_torch: bool = True,
+        log=print) -> list[dict]:
+  """All rows; the PyTorch side only when torch is importable and `with_torch`."""
+  use_torch = with_torch and torch is not None
+  log(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} on "
+      f"{jax.devices()[0].platform}, " + (f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+                                          if use_torch else "PyTorch side skipped (torch not installed)"))
+  log(f"{'measurement':18s} {'size':>4s} {'batch':>5s} {'JAX ms':>9s} {'torch ms':>9s} {'ratio':>6s}  "
+      f"{'goal':7s} {'JAX 1st':>7s}   load")
+  rows = []
+  for size in sizes:
+    config = make_config(size, batch, tiny)
+    batch_np = _batch(size, batch)
+    step, module = jax_train_step(config, batch_np)
+    generator = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+    nnx.update(generator, nnx.state(module.generators.global_net))
+    t_fwd = torch_forward(config, generator, batch_np["pre"]) if use_torch else None
+    rows.append(compare("generator forward", size, batch, jax_forward(config, generator, batch_np["pre"]), t_fwd,
+                        rounds))
+    log(_fmt_row(rows[-1]))
+    t_step = torch_train_step(config, module, batch_np) if use_torch else None
+    rows.append(compare("train step", size, batch, step, t_step, rounds))
+    log(_fmt_row(rows[-1]))
+  log("ratio = JAX steps/s over PyTorch steps/s (PyTorch ms / JAX ms); JAX 1st = compile + first call, seconds")
+  return rows
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="3 timed rounds (under 5 minutes on a 2-core CPU)")
+  parser.add_argument("--tiny", action="store_true", help="32 px, narrow networks, 2 rounds (tests)")
+  parser.add_argument("--sizes", default="", help="comma-separated image sizes (default 128,256; --tiny: 32)")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7, --quick 3, --tiny 2)")
+  parser.add_argument("--no_torch", action="store_true", help="the JAX side only")
+  parser.add_argument("--json", default="", help="also write the rows to this file")
+  args = parser.parse_args(argv)
+  sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((32,) if args.tiny else (128, 256))
+  rounds = args.rounds or (2 if args.tiny else 3 if args.quick else 7)
+  rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=not args.no_torch)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""The JAX-against-PyTorch benchmark harness (`benchmarks/run.py`) in its tiny mode, and the honesty of its PyTorch
+reference (`benchmarks/torch_reference.py`): given the same weights it computes what the JAX networks and the JAX
+training step compute. No timing assertions. Without torch the harness runs the JAX side alone."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import run
+from vcect_jax import models
+
+
+def test_tiny_harness_gives_both_rows_with_finite_times():
+  rows = run.main(["--tiny", "--rounds=1"])
+  assert [(r["measurement"], r["size"], r["batch"]) for r in rows] == [("generator forward", 32, 2),
+                                                                       ("train step", 32, 2)]
+  for r in rows:
+    assert math.isfinite(r["jax_s"]) and r["jax_s"] > 0 and r["jax_first_call_s"] > 0
+    if run.torch is None:
+      assert r["torch_s"] is None and r["ratio"] is None   # reported as skipped
+    else:
+      assert math.isfinite(r["torch_s"]) and r["torch_s"] > 0
+      assert r["ratio"] == pytest.approx(r["torch_s"] / r["jax_s"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  pytest.importorskip("torch")
+  config = run.make_config(32, 2, tiny=True)
+  batch = run._batch(32, 2, seed=3)
+  step, module = run.jax_train_step(config, batch)
+  return config, batch, step, module
+
+
+def _trained_stats_generator(config, x):
+  """A generator whose BatchNorm running statistics are not the initial zeros and ones."""
+  g = models.Generator(config.model.generator, rngs=nnx.Rngs(4))
+  g.train()
+  for _ in range(3):
+    g(x)
+  return g
+
+
+def test_torch_generator_and_discriminator_compute_the_jax_networks(tiny):
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  config, batch, _, module = tiny
+  x = batch["pre"]
+  g = _trained_stats_generator(config, x)
+  tg = torch_reference.generator_from_jax(torch_reference.Generator(config.model.generator), g)
+  with torch.no_grad():
+    for train_mode in (True, False):   # batch statistics, then running statistics
+      g.train() if train_mode else g.eval()
+      tg.train(train_mode)
+      ours = np.asarray(g(x)).transpose(0, 3, 1, 2)
+      theirs = tg(torch_reference.nchw(x)).numpy()
+      assert ours.shape == theirs.shape == (2, 1, 32, 32)
+      np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=1e-4)
+    d = module.discriminator
+    td = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator), d)
+    logits = np.asarray(d(x, batch["post"])).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(td(torch_reference.nchw(x), torch_reference.nchw(batch["post"])).numpy(), logits,
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_torch_training_step_gives_the_jax_losses(tiny):
+  """Two steps from the same weights on the same batch: the same discriminator and generator losses (the second
+  step's losses also check both optimiser updates)."""
+  config, batch, step, module = tiny
+  torch_step = run.torch_train_step(config, module, batch)
+  for _ in range(2):
+    ours = {k: float(v) for k, v in jax.device_get(step()).items()}
+    theirs = {k: float(v) for k, v in torch_step().items()}
+    assert set(theirs) == {"g_loss", "d_loss"}
+    for key in theirs:
+      assert theirs[key] == pytest.approx(ours[key], rel=1e-3, abs=1e-5), key
