@@ -39,6 +39,71 @@ def test_notebooks_hold_no_definitions(path):
       assert "def " not in source and "class " not in source, f"{path.name}: move this into the library:\n{source}"
 
 
+# ------------------------------------------------------------------------------------------------ the helpers
+def test_smoke_mode_reads_the_environment(monkeypatch):
+  from vcect_jax import notebook
+
+  for value, expected in (("1", True), ("yes", True), ("0", False), ("", False), ("false", False)):
+    monkeypatch.setenv(notebook.SMOKE_ENV, value)
+    assert notebook.smoke_mode() is expected
+
+
+def test_load_config_applies_overrides_and_refuses_unknown_fields():
+  from vcect_jax import notebook
+
+  config = notebook.load_config("configs/portal.py:smoke", {"train.steps": 3, "data.dir": "gs://bucket/x"})
+  assert (config.phase, config.train.steps, config.data.dir, config.data.image_size) == ("portal", 3, "gs://bucket/x",
+                                                                                         32)
+  with pytest.raises(ValueError, match="train.stepz"):
+    notebook.load_config("configs/portal.py:smoke", {"train.stepz": 3})
+  with pytest.raises(FileNotFoundError):
+    notebook.load_config("configs/nothing.py")
+
+
+def test_uploads_and_downloads(tmp_path):
+  import io
+  import zipfile
+
+  from vcect_jax import notebook
+
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as archive:
+    archive.writestr("series/IM1.dcm", b"one")
+    archive.writestr("series/IM2.dcm", b"two")
+  folder = notebook.save_uploads({"series.zip": buffer.getvalue()}, str(tmp_path / "up"))
+  assert pathlib.Path(folder) == tmp_path / "up" / "series"  # the one series folder the archive held
+  assert (pathlib.Path(folder) / "IM2.dcm").read_bytes() == b"two"
+  loose = notebook.save_uploads({"a.dcm": b"a", "../b.dcm": b"b"}, str(tmp_path / "loose"))
+  assert sorted(p.name for p in pathlib.Path(loose).iterdir()) == ["a.dcm", "b.dcm"]  # names only, no paths
+  evil = io.BytesIO()
+  with zipfile.ZipFile(evil, "w") as archive:
+    archive.writestr("../outside.dcm", b"x")
+  with pytest.raises(ValueError, match="outside"):
+    notebook.save_uploads({"evil.zip": evil.getvalue()}, str(tmp_path / "evil"))
+  assert not (tmp_path / "outside.dcm").exists()
+  packed = notebook.zip_folder(folder)
+  assert sorted(zipfile.ZipFile(packed).namelist()) == ["series/IM1.dcm", "series/IM2.dcm"]
+
+
+def test_draw_series_shows_axial_and_coronal_views():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import numpy as np
+
+  from vcect_jax import notebook
+
+  volume = np.zeros((6, 16, 16), np.int16)
+  figure = notebook.draw_series({"non-contrast": volume, "virtual arterial": volume + 100}, level=40, width=400,
+                                axial_index=2, spacing_mm=(5.0, 1.0))
+  axes = figure.axes
+  assert len(axes) == 4 and axes[0].get_images()[0].get_array().shape == (16, 16)
+  assert axes[2].get_images()[0].get_array().shape == (6, 16)  # coronal: slices x columns
+  assert axes[0].get_images()[0].get_clim() == (-160, 240)
+  with pytest.raises(ValueError, match="one shape"):
+    notebook.draw_series({"a": volume, "b": volume[:, :8]})
+
+
 # What each notebook must have produced under its working folder (beyond running without an error).
 PRODUCTS = {
     "01_quickstart": ["workdir/notebook_smoke/data/dicom/preview.png",
@@ -60,6 +125,10 @@ def _execute(path: pathlib.Path, cwd: pathlib.Path):
   nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": str(cwd)}}).execute()
   outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+  # What interactive widgets (the series viewer's sliders) drew goes into their Output widgets' state.
+  widgets = notebook.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+  for model in widgets.get("state", {}).values():
+    outputs.extend(model.get("state", {}).get("outputs", []))
   return outputs
 
 

@@ -299,7 +299,9 @@ def draw_series(volumes: Mapping[str, np.ndarray], level: float = 30.0, width: f
   coronal_row = h // 2 if coronal_row is None else int(np.clip(coronal_row, 0, h - 1))
   low, high = level - width / 2, level + width / 2
   aspect = spacing_mm[0] / spacing_mm[1]
-  fig, axes = plt.subplots(2, len(volumes), figsize=(3.2 * len(volumes), 6.4), squeeze=False)
+  coronal_height = max(s * aspect / h, 0.15)  # the coronal view's height relative to the axial one
+  fig, axes = plt.subplots(2, len(volumes), figsize=(3.2 * len(volumes), 3.4 * (1 + coronal_height) + 0.6),
+                           squeeze=False, gridspec_kw={"height_ratios": [1.0, coronal_height]})
   for column, (name, volume) in enumerate(volumes.items()):
     volume = np.asarray(volume)
     axes[0, column].imshow(volume[axial_index], cmap="gray", vmin=low, vmax=high)
