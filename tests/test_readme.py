@@ -10,6 +10,8 @@ without running its job:
   * `tensorboard ...`: the command is installed;
   * `pip install ...` (the GPU/TPU builds of JAX): not run here (network, hardware); listed in NOT_RUN.
 A command of any other kind fails `test_every_command_is_handled`, so a new kind gets a check before it ships.
+Commands written inline in the prose: `python -m MODULE` must answer `--help`; `pip install` only the package or
+Jupyter.
 
 Which commands run for real elsewhere, at smoke size: `make test` is CI's command (.ci/run); the main entry in
 modes train, prepare, pretrain and eval (tests/test_main.py, test_train.py, test_pretrain.py, test_evaluate.py),
@@ -162,6 +164,22 @@ def test_tensorboard_is_installed():
 def test_not_run_commands_are_only_the_accelerator_installs():
   for command in [c for c in COMMANDS if kind(c) in NOT_RUN]:
     assert command[:3] == ["pip", "install", "-U"] and command[3] in ("jax[cuda12]", "jax[tpu]"), command
+
+
+def test_inline_python_commands_run_their_help():
+  """`python -m MODULE` written inline in the prose (not in a code block) names a module whose --help works."""
+  modules = sorted(set(re.findall(r"`python -m ([\w.]+)[^`]*`", README.read_text())))
+  assert "configs.reference" in modules
+  for module in modules:
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), (module, done.stderr[-2000:])
+
+
+def test_inline_pip_installs_are_known():
+  """Inline `pip install ...` mentions: the package itself (`make` runs it) and Jupyter (optional)."""
+  installs = set(re.findall(r"`(pip install [^`]*)`", README.read_text()))
+  assert installs <= {"pip install -e .", "pip install jupyterlab"}, installs
 
 
 def test_demo_time_matches_the_benchmark_results():
