@@ -249,7 +249,7 @@ def show_image_grid(logdir: str, tag: str = IMAGE_GRID_TAG, step: int | None = N
   fig, axes = plt.subplots(len(images), 1, figsize=(10, 2.8 * len(images)), squeeze=False)
   for i, (ax, image) in enumerate(zip(axes[:, 0], images)):
     ax.imshow(image, cmap="gray")
-    ax.set_title(f"{tag}, step {step}, example {i}: non-contrast | virtual | real | |virtual - real|", fontsize=9)
+    ax.set_title(f"{tag}, step {step}, example {i}", fontsize=9)  # the panels carry their own labels
     ax.axis("off")
   fig.tight_layout()
   return fig
