@@ -186,7 +186,6 @@ def main(argv):
   except runtime.USER_ERRORS as e:
     if FLAGS.traceback:
       raise
-    logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
