@@ -173,7 +173,7 @@ def test_same_seed_same_bytes_and_different_seed_different_case(tmp_path):
   phantom.generate(tmp_path / 'b', seed=5, **args)
   phantom.generate(tmp_path / 'c', seed=6, **args)
   a, b, c = digest(tmp_path / 'a'), digest(tmp_path / 'b'), digest(tmp_path / 'c')
-  assert a == b and len(a) == 4 * 6 + 4 + 2
+  assert a == b and len(a) == 4 * 6 + 4 + 2 + 1  # + the settings stamp .phantom.json
   assert a['case_0000/labels/arterial.nii.gz'] != c['case_0000/labels/arterial.nii.gz']
   assert set(a) != set(c)  # file names derive from the seed's UIDs
   del args['cases']
