@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/run.py --quick               # 128 and 256 px, batch 2, 3 timed rounds (< 5 min)
     .venv/bin/python benchmarks/run.py                       # the same with 7 timed rounds
     .venv/bin/python benchmarks/run.py --tiny                # 32 px, narrow networks (the test suite's mode)
+    .venv/bin/python benchmarks/run.py --layers              # JAX only: each generator layer, fwd and fwd+bwd
+    .venv/bin/python benchmarks/run.py --swap                # JAX only: sub-pixel against lax.conv_transpose
 
 For each image size (batch 2, the paper's networks, float32, CPU):
   * "generator forward": inference, BatchNorm running statistics (JAX: jitted, eval mode; PyTorch: eval mode,
@@ -35,6 +37,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -44,6 +47,7 @@ from vcect_jax import models
 from vcect_jax import pretrain
 from vcect_jax import sharding
 from vcect_jax import train
+from vcect_jax.models import layers
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
@@ -188,6 +192,93 @@ def run(sizes=(128, 256), batch: int = 2, rounds: int = 3, tiny: bool = False, w
   return rows
 
 
+# ------------------------------------------------------------------------------------------------ JAX profiles
+def _median_call(fn, rounds: int) -> float:
+  fn()
+  return statistics.median(_timed(fn) for _ in range(rounds))
+
+
+def layer_profile(size: int = 256, batch: int = 2, rounds: int = 5, log=print) -> list[dict]:
+  """Each convolution of the paper-size generator alone at its shape: forward and forward + backward (gradients
+  with respect to kernel and input), jitted, with the XLA flop estimate. The 2x2 up-samplings both ways."""
+  widths = tuple(int(w) for w in make_config(size, batch, False).model.generator.widths)
+  shapes = [("enc1a", 3, widths[0], size), ("enc1b", widths[0], widths[0], size)]
+  for i in range(1, len(widths)):
+    shapes += [(f"enc{i + 1}a", sum(widths[:i]), widths[i], size >> i), (f"enc{i + 1}b", widths[i], widths[i], size >> i)]
+  for level in range(len(widths) - 1, 0, -1):
+    shapes += [(f"dec{level}a", 2 * widths[level - 1], widths[level - 1], size >> (level - 1)),
+               (f"dec{level}b", widths[level - 1], widths[level - 1], size >> (level - 1))]
+  shapes.append(("fuse", widths[0] + 3, widths[0], size))
+  ups = [(f"up{level}", widths[level], widths[level - 1], size >> level) for level in range(len(widths) - 1, 0, -1)]
+  rows = []
+  log(f"{'layer':28s} {'in->out':>10s} {'px':>4s} {'fwd ms':>8s} {'GFLOP/s':>7s} {'fwd+bwd ms':>10s} {'GFLOP/s':>7s}"
+      f"   load {os.getloadavg()[0]:.1f}")
+  cases = [(n, ci, co, hw, "conv") for n, ci, co, hw in shapes]
+  cases += [(n + " nnx.ConvTranspose", ci, co, hw, "lax") for n, ci, co, hw in ups]
+  cases += [(n + " SubpixelConvTranspose", ci, co, hw, "subpixel") for n, ci, co, hw in ups]
+  for name, cin, cout, hw, kind in cases:
+    rngs = nnx.Rngs(0)
+    if kind == "conv":
+      layer = nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    else:
+      cls = nnx.ConvTranspose if kind == "lax" else layers.SubpixelConvTranspose
+      layer = cls(cin, cout, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)).lower(params, x).compile()
+    fb = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.square(nnx.merge(graphdef, p)(x))), argnums=(0, 1)))
+    fb = fb.lower(params, x).compile()
+    t_f = _median_call(lambda: jax.block_until_ready(fwd(params, x)), rounds)
+    t_b = _median_call(lambda: jax.block_until_ready(fb(params, x)), rounds)
+    fl_f, fl_b = (c.cost_analysis().get("flops", 0.0) for c in (fwd, fb))
+    rows.append({"layer": name, "in": cin, "out": cout, "size": hw, "fwd_s": t_f, "fwd_bwd_s": t_b,
+                 "fwd_gflops": fl_f / 1e9, "fwd_bwd_gflops": fl_b / 1e9})
+    log(f"{name:28s} {cin:4d}->{cout:<5d} {hw:4d} {t_f * 1e3:8.1f} {fl_f / t_f / 1e9:7.0f} {t_b * 1e3:10.1f} "
+        f"{fl_b / t_b / 1e9:7.0f}")
+  for kind in ("conv", "nnx.ConvTranspose", "SubpixelConvTranspose"):
+    sel = [r for r in rows if (kind in r["layer"]) or (kind == "conv" and "Transpose" not in r["layer"])]
+    log(f"sum {kind:24s} fwd {sum(r['fwd_s'] for r in sel) * 1e3:8.1f} ms, fwd+bwd "
+        f"{sum(r['fwd_bwd_s'] for r in sel) * 1e3:8.1f} ms")
+  return rows
+
+
+def swap_profile(size: int = 256, batch: int = 2, rounds: int = 3, log=print) -> dict:
+  """Generator forward, forward + backward and the full train step with the sub-pixel transposed convolutions
+  and with `nnx.ConvTranspose`'s own lowering (patched back in), alternating; medians in seconds."""
+  config, batch_np = make_config(size, batch, False), _batch(size, batch)
+  x, target = jnp.asarray(batch_np["pre"]), jnp.asarray(batch_np["post"])
+  sides = {}
+  for name, patch in [("SubpixelConvTranspose", None), ("nnx.ConvTranspose", nnx.ConvTranspose.__call__)]:
+    with mock.patch.object(layers.SubpixelConvTranspose, "__call__", patch or layers.SubpixelConvTranspose.__call__):
+      g = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+      graphdef, params, rest = nnx.split(g, nnx.Param, ...)
+      fwd = jax.jit(lambda p, r, x, gd=graphdef: nnx.merge(gd, p, r, copy=True)(x)).lower(params, rest, x).compile()
+      loss = lambda p, r, x, t, gd=graphdef: jnp.mean(jnp.square(nnx.merge(gd, p, r, copy=True)(x) - t))
+      fb = jax.jit(jax.value_and_grad(loss)).lower(params, rest, x, target).compile()
+      step, _ = jax_train_step(config, batch_np)
+      compile_s = _timed(step)
+    sides[name] = {"generator forward": lambda c=fwd, p=params, r=rest: jax.block_until_ready(c(p, r, x)),
+                   "generator fwd+bwd": lambda c=fb, p=params, r=rest: jax.block_until_ready(c(p, r, x, target)),
+                   "train step": step, "compile_s": compile_s}
+    log(f"{name}: train step compile + first call {compile_s:.1f} s; generator XLA GFLOP forward "
+        f"{fwd.cost_analysis().get('flops', 0) / 1e9:.1f}, fwd+bwd {fb.cost_analysis().get('flops', 0) / 1e9:.1f}")
+  result = {}
+  for what in ("generator forward", "generator fwd+bwd", "train step"):
+    load = os.getloadavg()[0]
+    times = {name: [] for name in sides}
+    for name in sides:
+      sides[name][what]()
+    for _ in range(rounds):
+      for name in sides:
+        times[name].append(_timed(sides[name][what]))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result[what] = med
+    log(f"{what:18s} {size} px: nnx.ConvTranspose {med['nnx.ConvTranspose'] * 1e3:8.0f} ms, "
+        f"SubpixelConvTranspose {med['SubpixelConvTranspose'] * 1e3:8.0f} ms, speed-up "
+        f"{med['nnx.ConvTranspose'] / med['SubpixelConvTranspose']:.2f}x   load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+  return result
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="3 timed rounds (under 5 minutes on a 2-core CPU)")
@@ -197,10 +288,18 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7, --quick 3, --tiny 2)")
   parser.add_argument("--no_torch", action="store_true", help="the JAX side only")
   parser.add_argument("--json", default="", help="also write the rows to this file")
+  parser.add_argument("--layers", action="store_true", help="JAX only: per-layer profile of the generator")
+  parser.add_argument("--swap", action="store_true",
+                      help="JAX only: sub-pixel against lax.conv_transpose transposed convolutions")
   args = parser.parse_args(argv)
   sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((32,) if args.tiny else (128, 256))
   rounds = args.rounds or (2 if args.tiny else 3 if args.quick else 7)
-  rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=not args.no_torch)
+  if args.layers or args.swap:
+    size = sizes[-1] if args.sizes else 256
+    rows = (layer_profile(size, args.batch, args.rounds or 5) if args.layers
+            else [swap_profile(size, args.batch, args.rounds or 3)])
+  else:
+    rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=not args.no_torch)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
