@@ -38,13 +38,13 @@ def test_training_console_shows_a_line_after_a_silence(tmp_path, monkeypatch):
   lines = []
   monkeypatch.setattr(summaries.logging, "info", lambda fmt, *args: lines.append(fmt % args))
   writer = summaries.Writer(str(tmp_path), total_steps=100, console_keys=("loss",))
-  writer.heartbeat(1)
+  assert not writer.heartbeat_due(1)
   clock.now += summaries.HEARTBEAT_S / 2
-  writer.heartbeat(2)
-  assert not lines
+  assert not writer.heartbeat_due(2)
   clock.now += summaries.HEARTBEAT_S / 2
-  writer.heartbeat(3)  # 2 steps in HEARTBEAT_S seconds: 97 to go
-  assert len(lines) == 1 and lines[0].startswith("step 3/100 (3%)")
+  assert writer.heartbeat_due(3)  # 2 steps in HEARTBEAT_S seconds: 97 to go
+  writer.console(3, {})
+  assert len(lines) == 1 and lines[0].startswith("step 3/100 (3%)  ")
   assert f"{2 / summaries.HEARTBEAT_S:.2f} steps/s" in lines[0] and "ETA 0:24:15" in lines[0]
   writer.close()
 

@@ -45,13 +45,15 @@ class Writer:
   def images(self, step: int, images: dict) -> None:
     self._writer.write_images(step, images)
 
-  def heartbeat(self, step: int) -> None:
-    """`step 12/500 (2%)  0.35 steps/s  ETA 0:23:14` when no console line came for HEARTBEAT_S seconds."""
+  def heartbeat_due(self, step: int) -> bool:
+    """True when no console line came for HEARTBEAT_S seconds: time for `console(step, {})`, a progress line
+    without losses (`step 12/500 (2%)  0.35 steps/s  ETA 0:23:14`); the caller first waits for `step` to finish,
+    so that the rate counts finished steps, not dispatched ones."""
     now = time.monotonic()
     if self._last_console is None:
       self._last_console = (now, step)
-    elif now - self._last_console[0] >= HEARTBEAT_S:
-      self.console(step, {})
+      return False
+    return now - self._last_console[0] >= HEARTBEAT_S
 
   def console(self, step: int, means: dict) -> None:
     """`step 120/500 (24%)  g_loss 0.41  d_loss 1.23  2.1 steps/s  ETA 0:03:01` (the method's console keys)."""
@@ -62,8 +64,8 @@ class Writer:
       eta = datetime.timedelta(seconds=round((self.total_steps - step) / rate))
       rate_text, eta_text = f"  {rate:.2f} steps/s", f"  ETA {eta}"
     self._last_console = (now, step)
-    losses = "  ".join(f"{k} {means[k]:.4g}" for k in self.console_keys if k in means)
-    logging.info("step %d/%d (%d%%)  %s%s%s", step, self.total_steps, 100 * step // self.total_steps, losses,
+    losses = "".join(f"  {k} {means[k]:.4g}" for k in self.console_keys if k in means)
+    logging.info("step %d/%d (%d%%)%s%s%s", step, self.total_steps, 100 * step // self.total_steps, losses,
                  rate_text, eta_text)
 
   def close(self) -> None:

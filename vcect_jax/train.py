@@ -124,7 +124,9 @@ def train_and_evaluate(config, workdir: str, method=None) -> dict:
           timer = (time.perf_counter(), step)
           logging.info("step %d/%d done (compilation included: %.1f s); a line at least every %.0f s from now on",
                        step, total_steps, timer[0] - started, summaries.HEARTBEAT_S)
-        writer.heartbeat(step)
+        if writer.heartbeat_due(step):
+          jax.block_until_ready(step_metrics)  # the line's rate counts finished steps
+          writer.console(step, {})
 
         last = step == total_steps
         if (step % loop.log_every == 0 or last or step % loop.checkpoint_every == 0 or preempted.is_set()):
