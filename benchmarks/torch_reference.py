@@ -90,6 +90,8 @@ class Generator(nn.Module):
 
   def __init__(self, gen_config):
     super().__init__()
+    if gen_config.get("residual", False) or gen_config.get("output_activation", "none") != "none":
+      raise ValueError("the PyTorch reference implements generator residual=False, output_activation='none'")
     widths = tuple(int(w) for w in gen_config.widths)
     cin = int(gen_config.in_channels)
     self.encoder = Encoder(cin, widths)
@@ -165,6 +167,8 @@ class DualPathStep:
     t = config.train
     if t.weight_decay_mode != "l2":
       raise ValueError("the PyTorch reference implements train.weight_decay_mode='l2' (torch.optim.Adam)")
+    if config.loss.get("pixel", "mse") != "mse" or config.loss.get("adversarial_warmup_steps", 0):
+      raise ValueError("the PyTorch reference implements loss.pixel='mse' without adversarial warm-up (the paper)")
     self.g, self.d, self.encoder = generator.train(), discriminator.train(), encoder
     if encoder is not None:
       encoder.eval()

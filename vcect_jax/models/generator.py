@@ -163,18 +163,21 @@ class Generator(nnx.Module):
     self.decoders = nnx.List(decoders)
     # The paper concatenates the last 32 features with the input so that the structures of the non-contrast
     # slice reach the output directly, then two convolutions.
-    self.fuse = ConvBNAct(widths[0] + int(config.in_channels), widths[0], momentum=momentum, rngs=rngs)
+    self.fuse = ConvBNAct(widths[0] + int(config.in_channels), widths[0], momentum=momentum, dtype=dtype,
+                          rngs=rngs)
     # With `residual`, the head starts at zero, so that the untrained network is the identity (the non-contrast
     # slice) and training learns only the enhancement.
     head_init = nnx.initializers.zeros_init() if self.residual else nnx.initializers.lecun_normal()
+    # The 1x1 head computes in float32 (its input is promoted to the float32 parameters): float32 output.
     self.out = nnx.Conv(widths[0], 1, (1, 1), kernel_init=head_init, rngs=rngs)
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    features = self.encoder(x, use_running_average)
+    h = x if self.dtype is None else x.astype(self.dtype)
+    features = self.encoder(h, use_running_average)
     y = features[-1]
     for up, decode, skip in zip(self.ups, self.decoders, reversed(features[:-1])):
       y = decode(jnp.concatenate([up(y), skip], axis=-1), use_running_average)
-    y = self.fuse(jnp.concatenate([y, x], axis=-1), use_running_average)
+    y = self.fuse(jnp.concatenate([y, h], axis=-1), use_running_average)
     y = self.out(y)
     if self.residual:
       middle = x.shape[-1] // 2
