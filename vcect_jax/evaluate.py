@@ -332,7 +332,8 @@ def run(config, workdir: str) -> dict:
   if encoder is not None:
     add_perceptual_heatmaps(results["figures"], encoder, window)
   results.update({"phase": phase, "split": ev.split, "step": loaded.step, "checkpoint": loaded.path,
-                  "data_dir": _absolute(data_dir), "window": {"level": window.level, "width": window.width},
+                  "data_dir": checkpoint.absolute(data_dir),
+                  "window": {"level": window.level, "width": window.width},
                   "method": model_config.get("method", "dual_path_gan")})
   report_dir = ev.report_dir or os.path.join(workdir, "report")
   files = report.write_report(results, report_dir)
@@ -370,11 +371,6 @@ def _pretext_encoder(model_config):
   except (FileNotFoundError, ValueError) as e:
     logging.warning("The pretext encoder in %s cannot be loaded (%s): no perceptual heatmaps", path, e)
     return None
-
-
-def _absolute(path: str) -> str:
-  """An absolute local path; a cloud path (gs://...) as it is."""
-  return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
 def _data_dir(config, model_config, workdir: str) -> str:

@@ -45,9 +45,11 @@ def phase_dir(data_dir, phase: str) -> str:
         f"config.data.dir={str(data_dir)!r} has no manifest.json: point it at the --output of "
         "`python -m data_prep.convert` (or at <data_dir>/vcect_dataset after `tfds build data_prep/vcect_dataset`), "
         "or leave it empty to use the embedded phantom")
-  phases = json.loads(manifest_path.read_text()).get("phases", {})
-  path = root / phases.get(phase, {}).get("path", phase)
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+
+  path = prepare.phase_path(root, phase)
   if not path.is_dir():
+    phases = json.loads(manifest_path.read_text()).get("phases", {})
     raise FileNotFoundError(f"{data_dir} has no records for phase {phase!r}; converted phases: {sorted(phases)}")
   return str(path)
 
