@@ -132,7 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
   loss.adversarial_weight = 1.0
   loss.pixel_weight = 1.0                     # lambda1 of eq. 3 (the authors' code uses 0.1)
   loss.perceptual_weight = 1.0                # weight of the summed perceptual terms (the paper: 1)
-  loss.pixel = "mse"                          # pixel term: 'mse' (the paper) or 'l1' (pix2pix; the median)
+  loss.pixel = "mse"                          # pixel term: 'mse' (the paper), 'l1' (pix2pix; the median), 'l1+mse'
+  loss.pixel_mse_weight = 1.0                 # 'l1+mse' only: the pixel term is L1 + this * MSE (lambda1 scales both)
   # > 0: the adversarial weight ramps linearly from 0 to adversarial_weight over this many generator steps
   # (the pixel and perceptual terms shape the output first). 0: the paper, full weight from the first step.
   loss.adversarial_warmup_steps = 0

@@ -30,6 +30,23 @@ def test_pixel_kinds():
     losses.GeneratorWeights.from_config(_loss_config(pixel="huber"))
 
 
+def test_mixed_pixel_term_adds_weighted_mse_to_l1():
+  a, b = jnp.array([0.0, 1.0, -2.0]), jnp.zeros(3)
+  mixed = losses.GeneratorWeights.from_config(_loss_config(pixel="l1+mse", pixel_mse_weight=4.0))
+  assert float(mixed.pixel_loss(a, b)) == pytest.approx(1.0 + 4.0 * 5 / 3)
+  # lambda1 (pixel_weight) scales the whole pixel term; without the field the MSE weighs 1.
+  assert float(losses.generator_path_loss(mixed, mixed.pixel_loss(a, b))) == pytest.approx(2.0 * (1.0 + 4.0 * 5 / 3))
+  plain = losses.GeneratorWeights.from_config(_loss_config(pixel="l1+mse"))
+  assert float(plain.pixel_loss(a, b)) == pytest.approx(1.0 + 5 / 3)
+  # The field does not touch the other kinds, and the default stays the paper's MSE.
+  assert float(losses.GeneratorWeights.from_config(_loss_config(pixel_mse_weight=4.0)).pixel_loss(a, b)) == \
+      pytest.approx(5 / 3)
+  assert losses.GeneratorWeights.from_config(ConfigDict(dict(pixel_weight=1.0, adversarial_weight=1.0))).pixel_kind \
+      == "mse"
+  with pytest.raises(ValueError, match="pixel_mse_weight"):
+    losses.GeneratorWeights.from_config(_loss_config(pixel="l1+mse", pixel_mse_weight=-1.0))
+
+
 def test_adversarial_warmup_ramps_then_holds():
   w = losses.GeneratorWeights.from_config(_loss_config(adversarial_warmup_steps=4))
   ramp = [float(w.at_step(s).adversarial) for s in range(6)]

@@ -3,7 +3,8 @@
 Discriminator (eq. 1): BCE-with-logits plus least-squares terms on the patch logits, real = 1 and virtual = 0;
   with the dual path, the virtual images of the two paths enter weighted 0.6 / 0.4.
 Generator, per path (eq. 3): adversarial_weight * adversarial (the same two terms, target 1)
-  + pixel_weight (lambda1) * pixel MSE + perceptual_weight * the sum of the perceptual terms over the pretext
+  + pixel_weight (lambda1) * pixel term (MSE in the paper; `loss.pixel` also offers L1 and L1 + w * MSE)
+  + perceptual_weight * the sum of the perceptual terms over the pretext
   encoder's last four blocks.
 Dual path (eq. 4): 0.6 * global + 0.4 * local.
 Pretext (eq. 2): softmax cross-entropy over the intensity levels.
@@ -29,6 +30,7 @@ class GeneratorWeights:
   adversarial: float = 1.0
   perceptual: float = 1.0
   pixel_kind: str = "mse"
+  pixel_mse_weight: float = 1.0   # the MSE's weight inside the 'l1+mse' pixel term (unused by the others)
   adversarial_warmup_steps: int = 0
 
   @classmethod
@@ -39,11 +41,16 @@ class GeneratorWeights:
     warmup = int(loss_config.get("adversarial_warmup_steps", 0))
     if warmup < 0:
       raise ValueError(f"loss.adversarial_warmup_steps must be >= 0, got {warmup}")
+    mse_weight = float(loss_config.get("pixel_mse_weight", 1.0))
+    if mse_weight < 0:
+      raise ValueError(f"loss.pixel_mse_weight must be >= 0, got {mse_weight}")
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
-               adversarial_warmup_steps=warmup)
+               pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup)
 
   def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+    if self.pixel_kind == "l1+mse":
+      return pixel_l1_mse(virtual, real, self.pixel_mse_weight)
     return PIXEL_LOSSES[self.pixel_kind](virtual, real)
 
   def at_step(self, step) -> "GeneratorWeights":
@@ -76,7 +83,13 @@ def pixel_l1(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(jnp.abs(virtual - real))
 
 
-PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1}
+def pixel_l1_mse(virtual: jnp.ndarray, real: jnp.ndarray, mse_weight: float = 1.0) -> jnp.ndarray:
+  """L1 + mse_weight * MSE: the median's pull on small errors (noise, misaligned edges), with the mean's larger
+  pull on large ones (an enhancement of a few pixels, where L1's gradient is no larger than anywhere else)."""
+  return pixel_l1(virtual, real) + mse_weight * pixel_mse(virtual, real)
+
+
+PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1, "l1+mse": pixel_l1_mse}
 
 
 def classification(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
