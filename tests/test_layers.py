@@ -172,3 +172,109 @@ def test_bfloat16_training_steps_run_with_finite_losses():
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["generators"]),
                                                      jax.tree.leaves(after["generators"]))]
   assert any(changed)
+
+
+# ------------------------------------------------------------------------------------------------ strided_conv
+# (kernel, stride, padding, size): the discriminators' 4x4 / stride-2 SAME (even and odd sizes), CycleGAN's 3x3 /
+# stride-2 with padding 1, VALID with a remainder, stride 3, asymmetric padding.
+STRIDED = [(4, 2, "SAME", 16), (4, 2, "SAME", 15), (3, 2, ((1, 1), (1, 1)), 16), (3, 2, "VALID", 17),
+           (5, 3, "SAME", 20), (4, 2, ((2, 0), (0, 3)), 16)]
+
+
+def _conv_pair(kernel, stride, padding, c_in=4, c_out=6):
+  kwargs = dict(strides=stride, padding=padding)
+  return (nnx.Conv(c_in, c_out, (kernel, kernel), rngs=nnx.Rngs(5), **kwargs),
+          nnx.Conv(c_in, c_out, (kernel, kernel), conv_general_dilated=layers.strided_conv, rngs=nnx.Rngs(5),
+                   **kwargs))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", STRIDED)
+def test_strided_conv_matches_lax_forward_and_gradients(kernel, stride, padding, size):
+  ref, fast = _conv_pair(kernel, stride, padding)
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 2, 4))
+  y_ref, y_fast = _jitted(ref, x), _jitted(fast, x)
+  assert y_fast.shape == y_ref.shape
+  np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+  target = jax.random.normal(jax.random.key(1), y_ref.shape)
+  (l_ref, (gp_ref, gx_ref)), (l_fast, (gp_fast, gx_fast)) = (_loss_and_grads(ref, x, target),
+                                                             _loss_and_grads(fast, x, target))
+  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(gp_fast), jax.tree.leaves(gp_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_strided_conv_input_gradient_avoids_the_dilated_convolution():
+  """The speed comes from the input gradient: no convolution with lhs_dilation 2 in the gradient's jaxpr, while
+  XLA's own gradient has one; stride-1 convolutions are left to lax as they are."""
+  ref, fast = _conv_pair(4, 2, "SAME")
+  x = jnp.zeros((1, 8, 8, 4))
+
+  def grad_jaxpr(layer):
+    graphdef, params = nnx.split(layer)
+    return str(jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)), argnums=(0, 1)))(params, x))
+
+  assert "lhs_dilation=(2, 2)" in grad_jaxpr(ref)
+  assert "lhs_dilation=(2, 2)" not in grad_jaxpr(fast)
+  plain = nnx.Conv(4, 6, (3, 3), conv_general_dilated=layers.strided_conv, rngs=nnx.Rngs(0))
+  assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: plain(x))(x))
+
+
+def test_strided_conv_keeps_the_conv_parameters():
+  ref, fast = _conv_pair(4, 2, "SAME")
+  assert jax.tree.map(jnp.shape, nnx.state(ref)) == jax.tree.map(jnp.shape, nnx.state(fast))
+  for a, b in zip(jax.tree.leaves(nnx.state(ref)), jax.tree.leaves(nnx.state(fast))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ max_pool_2x2
+def _reference_pool(x):
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def test_max_pool_2x2_matches_reduce_window_with_ties():
+  """Values and gradients of lax.reduce_window's max-pool, including windows with tied maxima (ReLU zeros, equal
+  values): the whole gradient goes to the first maximum in row-major order, as XLA's select_and_scatter does."""
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 6, 3)))
+  x = x.at[0, 0, 0, 0].set(9.0).at[0, 0, 1, 0].set(9.0).at[0, 1, 0, 0].set(9.0)   # a three-way tie
+  x = x.at[1, 2:4, 2:4, 1].set(0.0)                                                 # an all-zero window
+  g = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), _reference_pool(x))
+  got = jax.vjp(layers.max_pool_2x2, x)[1](g)[0]
+  want = jax.vjp(_reference_pool, x)[1](g)[0]
+  np.testing.assert_array_equal(got, want)
+  assert float(got[0, 0, 0, 0]) == float(g[0, 0, 0, 0]) and float(got[0, 0, 1, 0]) == 0.0
+
+
+def test_generator_max_pool_uses_the_fast_pool_for_even_sizes():
+  from vcect_jax.models import generator
+  x = jax.random.normal(jax.random.key(2), (1, 6, 6, 2))
+  assert "reduce_window" not in str(jax.make_jaxpr(lambda x: generator.max_pool(x, 2))(x))
+  np.testing.assert_array_equal(generator.max_pool(x, 4 // 2), _reference_pool(x))
+  odd = jax.random.normal(jax.random.key(2), (1, 5, 6, 2))   # falls back to reduce_window
+  np.testing.assert_array_equal(generator.max_pool(odd, 2), _reference_pool(odd))
+
+
+# ------------------------------------------------------------------------------------------------ xla_cpu
+def test_xla_cpu_flag_is_added_once_and_yields_to_the_users_setting():
+  from vcect_jax import xla_cpu
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  assert xla_cpu.configure(env)
+  assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 " + xla_cpu.FLAG
+  assert not xla_cpu.configure(env)                              # already there: not added twice
+  user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}
+  assert not xla_cpu.configure(user) and user["XLA_FLAGS"].endswith("individual_convolution")
+  off = {xla_cpu.OPT_OUT: "0"}
+  assert not xla_cpu.configure(off) and "XLA_FLAGS" not in off
+  empty = {}
+  assert xla_cpu.configure(empty) and empty["XLA_FLAGS"] == xla_cpu.FLAG
+
+
+def test_importing_the_package_sets_the_flag_before_jax_starts():
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VCECT_XLA_CPU_DEFAULTS")}
+  code = "import jax, vcect_jax, os; jax.numpy.ones(2).block_until_ready(); print(os.environ['XLA_FLAGS'])"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.strip().endswith("--xla_cpu_experimental_ynn_fusion_type=")

@@ -58,6 +58,8 @@ def max_pool(x: jax.Array, factor: int) -> jax.Array:
   """Non-overlapping `factor x factor` max-pool of `(B, H, W, C)`."""
   if factor == 1:
     return x
+  if factor == 2 and x.ndim == 4 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+    return layers.max_pool_2x2(x)  # the same values and gradients, a faster backward pass on CPU
   window = (1, factor, factor, 1)
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
 
@@ -68,8 +70,10 @@ class ConvBNAct(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, strides: int = 1,
                negative_slope: float = 0.0, momentum: float = 0.9, dtype=None, rngs: nnx.Rngs):
     # The bias is redundant in front of BatchNorm.
+    # Strided convolutions get a faster input gradient (same parameters and results; models/layers.py).
     self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides,
-                         padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
+                         padding="SAME", use_bias=False, dtype=dtype, rngs=rngs,
+                         conv_general_dilated=layers.strided_conv)
     self.norm = nnx.BatchNorm(out_features, momentum=momentum, dtype=dtype, rngs=rngs)
     self.negative_slope = negative_slope
 

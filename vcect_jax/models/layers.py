@@ -23,6 +23,8 @@ Because the class subclasses `nnx.ConvTranspose` and only replaces `__call__`, i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,151 @@ class SubpixelConvTranspose(nnx.ConvTranspose):
     if bias is not None:
       y = y + bias.reshape(1, 1, 1, -1)
     return y
+
+
+# ------------------------------------------------------------------------------------------------ strided convolution
+def _resolved_pads(padding, spatial: tuple[int, ...], window: tuple[int, ...], strides: tuple[int, ...]):
+  """`lax.conv_general_dilated`'s padding (a string or (low, high) pairs) as a list of (low, high) pairs."""
+  if isinstance(padding, str):
+    return [tuple(int(v) for v in p) for p in jax.lax.padtype_to_pads(spatial, window, strides, padding)]
+  return [(int(lo), int(hi)) for lo, hi in padding]
+
+
+def strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.conv_general_dilated` with a faster input gradient for strided 2-D NHWC / HWIO convolutions.
+
+  XLA computes the input gradient of a stride-s convolution as a convolution of the output gradient dilated by s
+  (`lhs_dilation`), 2.5x slower on CPU than the stride-1 convolution it amounts to. Here the forward pass and the
+  kernel gradient are XLA's own, and the input gradient is that of the same convolution written as a stride-1
+  one on a space-to-depth input (`space_to_depth_conv`); in the paper-size discriminator's 4x4 / stride-2 layers
+  this took the input gradient from 367 to 141 ms (64 -> 128 channels at 256 px, batch 6; benchmarks/RESULTS.md,
+  "Performance"). Computing the forward and kernel gradient that way too was slower, so they are not.
+
+  Pass it as `nnx.Conv(..., conv_general_dilated=strided_conv)`: the parameters are unchanged. Anything other than
+  a 2-D NHWC/HWIO convolution with a stride above 1 and no dilation or grouping goes to `lax.conv_general_dilated`
+  as it is. Values and gradients equal XLA's to float32 rounding (tests/test_layers.py).
+  """
+  strides = tuple(int(s) for s in window_strides)
+  plain = (len(strides) != 2 or lhs.ndim != 4 or rhs.ndim != 4 or all(s == 1 for s in strides)
+           or any(int(d) != 1 for d in (lhs_dilation or (1, 1)))
+           or any(int(d) != 1 for d in (rhs_dilation or (1, 1)))
+           or feature_group_count != 1 or batch_group_count != 1 or kwargs.get("out_sharding") is not None
+           or not _is_nhwc(dimension_numbers))
+  if plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count, precision,
+                                        preferred_element_type, **kwargs)
+  pads = tuple(_resolved_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides))
+  return _strided_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _strided_conv(x, kernel, strides, pads, precision, preferred_element_type):
+  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision,
+                                      preferred_element_type=preferred_element_type)
+
+
+def _strided_conv_fwd(x, kernel, strides, pads, precision, preferred_element_type):
+  return _strided_conv(x, kernel, strides, pads, precision, preferred_element_type), (x, kernel)
+
+
+def _strided_conv_bwd(strides, pads, precision, preferred_element_type, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: space_to_depth_conv(x, kernel, strides, pads, precision,
+                                                       preferred_element_type), x)
+  _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      x, k, strides, pads, dimension_numbers=_NHWC, precision=precision,
+      preferred_element_type=preferred_element_type), kernel)
+  return input_vjp(g)[0], kernel_vjp(g)[0]
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def space_to_depth_conv(x, kernel, strides, pads, precision=None, preferred_element_type=None):
+  """The NHWC / HWIO convolution of `x` with `kernel` at `strides` (>= 1) and `pads` ((low, high) per spatial
+  dimension), computed as a stride-1 VALID convolution.
+
+  With `t = s*a + p`, `y[o] = sum_t x_pad[s*o + t] K[t]` is the stride-1 convolution of the space-to-depth input
+  `x'[q, (p, c)] = x_pad[s*q + p, c]` with the kernel `K'[a, (p, c)] = K[s*a + p]` (zero where `s*a + p` is past
+  the kernel).
+  """
+  b, h, w, c = x.shape
+  kh, kw, c_in, c_out = kernel.shape
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  sh, sw = strides
+  out_h = (h + lo_h + hi_h - kh) // sh + 1
+  out_w = (w + lo_w + hi_w - kw) // sw + 1
+  ka_h, ka_w = -(-kh // sh), -(-kw // sw)
+  # Pad (or crop: lax.pad takes negative padding) so that the padded input is (out + ka - 1) * s long.
+  need_h, need_w = (out_h + ka_h - 1) * sh, (out_w + ka_w - 1) * sw
+  zero = jnp.zeros((), x.dtype)
+  x = jax.lax.pad(x, zero, ((0, 0, 0), (lo_h, need_h - h - lo_h, 0), (lo_w, need_w - w - lo_w, 0), (0, 0, 0)))
+  x = x.reshape(b, need_h // sh, sh, need_w // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, need_h // sh, need_w // sw, sh * sw * c)
+  k = jnp.pad(kernel, ((0, ka_h * sh - kh), (0, ka_w * sw - kw), (0, 0), (0, 0)))
+  k = k.reshape(ka_h, sh, ka_w, sw, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
+  k = k.reshape(ka_h, ka_w, sh * sw * c_in, c_out)
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC, precision=precision,
+                                      preferred_element_type=preferred_element_type)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  """Whether `dimension_numbers` (strings or a ConvDimensionNumbers) is NHWC / HWIO / NHWC."""
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+    return dimension_numbers == jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
+  return tuple(dimension_numbers) == _NHWC
+
+
+# ------------------------------------------------------------------------------------------------ max-pool
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """Non-overlapping 2x2 max-pool of `(B, H, W, C)` (H, W even).
+
+  The same values and gradients as `lax.reduce_window(max)` (the gradient goes to the first maximum of each window
+  in row-major order, as XLA's `select_and_scatter` does), without it: XLA CPU rewrites the max-pool gradient into
+  a reduce-window that tracks the argmax with four int32 index arrays and a scatter, about 8% of the paper-size
+  training step. Here the backward pass is a few elementwise comparisons that XLA fuses.
+  """
+  return _window_max(_windows(x))
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  """`(B, H, W, C)` -> `(4, B, H/2, W/2, C)`: the four positions of each 2x2 window, row-major."""
+  b, h, w, c = x.shape
+  t = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return jnp.stack([t[:, :, 0, :, 0], t[:, :, 0, :, 1], t[:, :, 1, :, 0], t[:, :, 1, :, 1]])
+
+
+def _window_max(win: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.maximum(win[0], win[1]), jnp.maximum(win[2], win[3]))
+
+
+def _max_pool_fwd(x):
+  win = _windows(x)
+  y = _window_max(win)
+  return y, (win, y)
+
+
+def _max_pool_bwd(res, g):
+  win, y = res
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for k in range(4):
+    first = (win[k] == y) & ~taken
+    taken = taken | first
+    parts.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+  b, h2, w2, c = y.shape
+  top = jnp.stack([parts[0], parts[1]], axis=3)       # (B, H/2, W/2, 2, C)
+  bottom = jnp.stack([parts[2], parts[3]], axis=3)
+  dx = jnp.stack([top, bottom], axis=2)               # (B, H/2, 2, W/2, 2, C)
+  return (dx.reshape(b, 2 * h2, 2 * w2, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
