@@ -1,4 +1,4 @@
-"""JAX against the PyTorch reference on the same machine, in one process: generator forward and the training step.
+"""JAX against the PyTorch reference on the same machine: generator forward and the training step.
 
     .venv/bin/pip install -r benchmarks/requirements.txt     # torch, for the reference side only
     .venv/bin/python benchmarks/run.py --quick               # 128 and 256 px, batch 2, 3 timed rounds (< 5 min)
@@ -14,10 +14,11 @@ For each image size (batch 2, the paper's networks, float32, CPU):
     update, generator update with adversarial + pixel + perceptual terms; JAX: `vcect_jax.train.jit_train_step`,
     the step the training loop runs; PyTorch: `benchmarks/torch_reference.py`). The pretext encoder of the
     perceptual loss is a random one on both sides (same cost, no checkpoint needed).
-Both sides start from the same weights (copied from JAX to PyTorch). After one warm-up call of each (the JAX one
-compiles, its time is reported), the two alternate, round by round, so that both see the same machine load;
-medians are reported, with the ratio JAX/PyTorch in steps per second (= PyTorch seconds / JAX seconds; > 1 means
-JAX is faster). The load average is printed before and after each row: other jobs on the machine slow both sides,
+Both sides start from the same weights (copied from JAX to PyTorch). Each side runs in its own process (JAX, then
+PyTorch, twice; `--same_process` alternates them round by round in one process instead, which is biased against
+JAX: PyTorch's idle OpenMP threads keep taking CPU time from XLA's). After one warm-up call of each (the JAX one
+compiles, its time is reported), medians of all timed rounds are reported, with the ratio JAX/PyTorch in steps
+per second (= PyTorch seconds / JAX seconds; > 1 means JAX is faster). The load average is printed before and after each row: other jobs on the machine slow both sides,
 which is why only the ratios of one run are comparable. Without torch installed, the PyTorch side is reported as
 skipped and the JAX side still runs.
 """
@@ -138,42 +139,95 @@ def _timed(fn) -> float:
 
 
 def compare(name: str, size: int, batch: int, jax_fn, torch_fn, rounds: int) -> dict:
-  """Warm-up (JAX compiles), then `rounds` alternating timed calls of each; medians in seconds."""
+  """Warm-up (JAX compiles), then `rounds` alternating timed calls of each side given; medians in seconds."""
   load_before = os.getloadavg()[0]
-  jax_first = _timed(jax_fn)
+  jax_first = _timed(jax_fn) if jax_fn else None
   torch_first = _timed(torch_fn) if torch_fn else None
   jax_times, torch_times = [], []
   for _ in range(rounds):
-    jax_times.append(_timed(jax_fn))
+    if jax_fn:
+      jax_times.append(_timed(jax_fn))
     if torch_fn:
       torch_times.append(_timed(torch_fn))
-  jax_s = statistics.median(jax_times)
+  return _row(name, size, batch, rounds, jax_times, torch_times, jax_first, torch_first, load_before,
+              os.getloadavg()[0])
+
+
+def _row(name, size, batch, rounds, jax_times, torch_times, jax_first, torch_first, load_before, load_after):
+  jax_s = statistics.median(jax_times) if jax_times else None
   torch_s = statistics.median(torch_times) if torch_times else None
   return {"measurement": name, "size": size, "batch": batch, "rounds": rounds,
-          "jax_s": jax_s, "torch_s": torch_s, "ratio": (torch_s / jax_s) if torch_s else None,
+          "jax_s": jax_s, "torch_s": torch_s, "ratio": (torch_s / jax_s) if (torch_s and jax_s) else None,
           "jax_first_call_s": jax_first, "torch_first_call_s": torch_first,
-          "jax_min_s": min(jax_times), "torch_min_s": min(torch_times) if torch_times else None,
-          "load_before": load_before, "load_after": os.getloadavg()[0]}
+          "jax_min_s": min(jax_times) if jax_times else None,
+          "torch_min_s": min(torch_times) if torch_times else None,
+          "jax_times": jax_times, "torch_times": torch_times,
+          "load_before": load_before, "load_after": load_after}
+
+
+def separate(argv: list[str], passes: int = 2, log=print) -> list[dict]:
+  """Each side in its own process (`--side=jax`, then `--side=torch`, `passes` times), rows merged.
+
+  Why: in one process, PyTorch's idle OpenMP threads still take CPU time from XLA's (the JAX train step at 256 px
+  took 5.94 s alternating with PyTorch against 4.99 s alone, on a quiet 2-core machine), while PyTorch was not
+  slowed by JAX (4.49 s against 4.55 s alone). Separate processes give each side the machine to itself.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  merged: dict[tuple, dict] = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for p in range(passes):
+      for side in ("jax", "torch"):
+        out = os.path.join(tmp, f"{side}_{p}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--side={side}", f"--json={out}"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+          for r in json.load(f):
+            key = (r["measurement"], r["size"])
+            m = merged.setdefault(key, {"jax_times": [], "torch_times": [], "jax_first": None, "torch_first": None,
+                                        "load_before": r["load_before"], "r": r})
+            m[f"{side}_times"] += r[f"{side}_times"]
+            if m[f"{side}_first"] is None:
+              m[f"{side}_first"] = r[f"{side}_first_call_s"]
+            m["load_after"] = r["load_after"]
+  rows = [_row(name, size, m["r"]["batch"], m["r"]["rounds"], m["jax_times"], m["torch_times"], m["jax_first"],
+               m["torch_first"], m["load_before"], m["load_after"]) for (name, size), m in merged.items()]
+  _log_table(rows, log)
+  return rows
 
 
 def _fmt_row(r: dict) -> str:
+  jax_ms = f"{r['jax_s'] * 1e3:9.1f}" if r["jax_s"] else "  skipped"
   torch_ms = f"{r['torch_s'] * 1e3:9.1f}" if r["torch_s"] else "  skipped"
   ratio = f"{r['ratio']:6.2f}" if r["ratio"] else "   n/a"
   goal = GOALS.get(r["measurement"]) if r["size"] == 256 else None
   goal_s = f">= {goal}" if goal else ""
-  return (f"{r['measurement']:18s} {r['size']:4d} {r['batch']:5d} {r['jax_s'] * 1e3:9.1f} {torch_ms} {ratio}  "
-          f"{goal_s:7s} {r['jax_first_call_s']:7.1f}   {r['load_before']:.1f} -> {r['load_after']:.1f}")
+  first = f"{r['jax_first_call_s']:7.1f}" if r["jax_first_call_s"] is not None else "    n/a"
+  return (f"{r['measurement']:18s} {r['size']:4d} {r['batch']:5d} {jax_ms} {torch_ms} {ratio}  "
+          f"{goal_s:7s} {first}   {r['load_before']:.1f} -> {r['load_after']:.1f}")
+
+
+def _header() -> str:
+  return (f"{'measurement':18s} {'size':>4s} {'batch':>5s} {'JAX ms':>9s} {'torch ms':>9s} {'ratio':>6s}  "
+          f"{'goal':7s} {'JAX 1st':>7s}   load")
+
+
+def _log_table(rows, log) -> None:
+  log(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}, each side in its own process")
+  log(_header())
+  for r in rows:
+    log(_fmt_row(r))
+  log("ratio = JAX steps/s over PyTorch steps/s (PyTorch ms / JAX ms); JAX 1st = compile + first call, seconds")
 
 
 def run(sizes=(128, 256), batch: int = 2, rounds: int = 3, tiny: bool = False, with_torch: bool = True,
-        log=print) -> list[dict]:
-  """All rows; the PyTorch side only when torch is importable and `with_torch`."""
+        log=print, with_jax: bool = True) -> list[dict]:
+  """All rows; the PyTorch side only when torch is importable and `with_torch`, the JAX side when `with_jax`."""
   use_torch = with_torch and torch is not None
   log(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} on "
       f"{jax.devices()[0].platform}, " + (f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
                                           if use_torch else "PyTorch side skipped (torch not installed)"))
-  log(f"{'measurement':18s} {'size':>4s} {'batch':>5s} {'JAX ms':>9s} {'torch ms':>9s} {'ratio':>6s}  "
-      f"{'goal':7s} {'JAX 1st':>7s}   load")
+  log(_header())
   rows = []
   for size in sizes:
     config = make_config(size, batch, tiny)
@@ -182,11 +236,11 @@ def run(sizes=(128, 256), batch: int = 2, rounds: int = 3, tiny: bool = False, w
     generator = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
     nnx.update(generator, nnx.state(module.generators.global_net))
     t_fwd = torch_forward(config, generator, batch_np["pre"]) if use_torch else None
-    rows.append(compare("generator forward", size, batch, jax_forward(config, generator, batch_np["pre"]), t_fwd,
-                        rounds))
+    j_fwd = jax_forward(config, generator, batch_np["pre"]) if with_jax else None
+    rows.append(compare("generator forward", size, batch, j_fwd, t_fwd, rounds))
     log(_fmt_row(rows[-1]))
     t_step = torch_train_step(config, module, batch_np) if use_torch else None
-    rows.append(compare("train step", size, batch, step, t_step, rounds))
+    rows.append(compare("train step", size, batch, step if with_jax else None, t_step, rounds))
     log(_fmt_row(rows[-1]))
   log("ratio = JAX steps/s over PyTorch steps/s (PyTorch ms / JAX ms); JAX 1st = compile + first call, seconds")
   return rows
@@ -287,6 +341,11 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7, --quick 3, --tiny 2)")
   parser.add_argument("--no_torch", action="store_true", help="the JAX side only")
+  parser.add_argument("--same_process", action="store_true",
+                      help="both sides alternating in this process (biased against JAX: see `separate`); the "
+                           "default runs each side in its own process, twice")
+  parser.add_argument("--side", choices=("jax", "torch"), default="",
+                      help="one side only, in this process (what the default's subprocesses run)")
   parser.add_argument("--json", default="", help="also write the rows to this file")
   parser.add_argument("--layers", action="store_true", help="JAX only: per-layer profile of the generator")
   parser.add_argument("--swap", action="store_true",
@@ -298,8 +357,14 @@ def main(argv=None) -> list[dict]:
     size = sizes[-1] if args.sizes else 256
     rows = (layer_profile(size, args.batch, args.rounds or 5) if args.layers
             else [swap_profile(size, args.batch, args.rounds or 3)])
-  else:
+  elif args.side:
+    rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=args.side == "torch",
+               with_jax=args.side == "jax")
+  elif args.same_process or args.no_torch or torch is None:
     rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=not args.no_torch)
+  else:
+    passthrough = [f"--sizes={','.join(str(x) for x in sizes)}", f"--batch={args.batch}", f"--rounds={rounds}"]
+    rows = separate(passthrough + (["--tiny"] if args.tiny else []), passes=1 if args.tiny else 2)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
