@@ -220,6 +220,17 @@ def test_strided_conv_input_gradient_avoids_the_dilated_convolution():
   assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: plain(x))(x))
 
 
+def test_rewrites_apply_on_cpu_only():
+  """On GPU and TPU (not measured there) the strided convolution and the max-pool are lax's own."""
+  from vcect_jax.models import generator
+  _, fast = _conv_pair(4, 2, "SAME")
+  x = jnp.zeros((1, 8, 8, 4))
+  with mock.patch.object(layers.jax, "default_backend", return_value="gpu"):
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: fast(x))(x))
+    assert "reduce_window" in str(jax.make_jaxpr(lambda x: generator.max_pool(x, 2))(x))
+  assert "custom_vjp" in str(jax.make_jaxpr(lambda x: fast(x))(x))
+
+
 def test_strided_conv_keeps_the_conv_parameters():
   ref, fast = _conv_pair(4, 2, "SAME")
   assert jax.tree.map(jnp.shape, nnx.state(ref)) == jax.tree.map(jnp.shape, nnx.state(fast))

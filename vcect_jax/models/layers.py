@@ -125,6 +125,11 @@ class SubpixelConvTranspose(nnx.ConvTranspose):
 
 
 # ------------------------------------------------------------------------------------------------ strided convolution
+def on_cpu() -> bool:
+  """Whether JAX computes on CPU: the rewrites below were measured there only (benchmarks/RESULTS.md)."""
+  return jax.default_backend() == "cpu"
+
+
 def _resolved_pads(padding, spatial: tuple[int, ...], window: tuple[int, ...], strides: tuple[int, ...]):
   """`lax.conv_general_dilated`'s padding (a string or (low, high) pairs) as a list of (low, high) pairs."""
   if isinstance(padding, str):
@@ -145,10 +150,11 @@ def strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
 
   Pass it as `nnx.Conv(..., conv_general_dilated=strided_conv)`: the parameters are unchanged. Anything other than
   a 2-D NHWC/HWIO convolution with a stride above 1 and no dilation or grouping goes to `lax.conv_general_dilated`
-  as it is. Values and gradients equal XLA's to float32 rounding (tests/test_layers.py).
+  as it is, and so does everything on GPU and TPU, where the gain was not measured. Values and gradients equal
+  XLA's to float32 rounding (tests/test_layers.py).
   """
   strides = tuple(int(s) for s in window_strides)
-  plain = (len(strides) != 2 or lhs.ndim != 4 or rhs.ndim != 4 or all(s == 1 for s in strides)
+  plain = (not on_cpu() or len(strides) != 2 or lhs.ndim != 4 or rhs.ndim != 4 or all(s == 1 for s in strides)
            or any(int(d) != 1 for d in (lhs_dilation or (1, 1)))
            or any(int(d) != 1 for d in (rhs_dilation or (1, 1)))
            or feature_group_count != 1 or batch_group_count != 1 or kwargs.get("out_sharding") is not None
