@@ -361,7 +361,7 @@ def add_perceptual_heatmaps(figures: list[dict], encoder, window: hu.Window) -> 
 def _pretext_encoder(model_config):
   """The frozen pretext encoder the model was trained with, or None (no perceptual loss, or not found)."""
   path = model_config.perceptual.get("pretext_checkpoint", "")
-  if not model_config.loss.use_perceptual or not path or not os.path.isdir(path):
+  if not model_config.loss.use_perceptual or not path or not epath.Path(path).is_dir():  # local or gs://
     logging.info("No pretext encoder (%r): no perceptual heatmaps in the report", path)
     return None
   from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
