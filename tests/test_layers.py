@@ -46,11 +46,8 @@ def _loss_and_grads(layer, x, target):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", CASES)
-def test_subpixel_matches_conv_transpose_forward_and_gradients(kernel, stride, padding):
-  ref, fast = _pair(kernel, stride, padding)
-  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
-  assert fast._subpixel_plan(x) is not None  # the fast path runs, not the fallback
+def _assert_same_forward_and_gradients(ref, fast, x):
+  """Outputs, a loss, and its gradients with respect to the parameters and the input agree (float32 rounding)."""
   y_ref, y_fast = _jitted(ref, x), _jitted(fast, x)
   assert y_fast.shape == y_ref.shape
   np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
@@ -61,6 +58,14 @@ def test_subpixel_matches_conv_transpose_forward_and_gradients(kernel, stride, p
   np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(gp_fast), jax.tree.leaves(gp_ref)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", CASES)
+def test_subpixel_matches_conv_transpose_forward_and_gradients(kernel, stride, padding):
+  ref, fast = _pair(kernel, stride, padding)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  assert fast._subpixel_plan(x) is not None  # the fast path runs, not the fallback
+  _assert_same_forward_and_gradients(ref, fast, x)
 
 
 def test_fast_path_is_not_lax_conv_transpose():
@@ -192,16 +197,7 @@ def _conv_pair(kernel, stride, padding, c_in=4, c_out=6):
 def test_strided_conv_matches_lax_forward_and_gradients(kernel, stride, padding, size):
   ref, fast = _conv_pair(kernel, stride, padding)
   x = jax.random.normal(jax.random.key(0), (2, size, size + 2, 4))
-  y_ref, y_fast = _jitted(ref, x), _jitted(fast, x)
-  assert y_fast.shape == y_ref.shape
-  np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
-  target = jax.random.normal(jax.random.key(1), y_ref.shape)
-  (l_ref, (gp_ref, gx_ref)), (l_fast, (gp_fast, gx_fast)) = (_loss_and_grads(ref, x, target),
-                                                             _loss_and_grads(fast, x, target))
-  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
-  np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-5, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(gp_fast), jax.tree.leaves(gp_ref)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+  _assert_same_forward_and_gradients(ref, fast, x)
 
 
 def test_strided_conv_input_gradient_avoids_the_dilated_convolution():
