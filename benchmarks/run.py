@@ -18,9 +18,9 @@ Both sides start from the same weights (copied from JAX to PyTorch). Each side r
 PyTorch, twice; `--same_process` alternates them round by round in one process instead, which is biased against
 JAX: PyTorch's idle OpenMP threads keep taking CPU time from XLA's). After one warm-up call of each (the JAX one
 compiles, its time is reported), medians of all timed rounds are reported, with the ratio JAX/PyTorch in steps
-per second (= PyTorch seconds / JAX seconds; > 1 means JAX is faster). The load average is printed before and after each row: other jobs on the machine slow both sides,
-which is why only the ratios of one run are comparable. Without torch installed, the PyTorch side is reported as
-skipped and the JAX side still runs.
+per second (= PyTorch seconds / JAX seconds; > 1 means JAX is faster). The load average is printed before and
+after each row: other jobs on the machine slow both sides, which is why only the ratios of one run are
+comparable. Without torch installed, the PyTorch side is reported as skipped and the JAX side still runs.
 """
 
 from __future__ import annotations
@@ -258,7 +258,8 @@ def layer_profile(size: int = 256, batch: int = 2, rounds: int = 5, log=print) -
   widths = tuple(int(w) for w in make_config(size, batch, False).model.generator.widths)
   shapes = [("enc1a", 3, widths[0], size), ("enc1b", widths[0], widths[0], size)]
   for i in range(1, len(widths)):
-    shapes += [(f"enc{i + 1}a", sum(widths[:i]), widths[i], size >> i), (f"enc{i + 1}b", widths[i], widths[i], size >> i)]
+    shapes += [(f"enc{i + 1}a", sum(widths[:i]), widths[i], size >> i),
+               (f"enc{i + 1}b", widths[i], widths[i], size >> i)]
   for level in range(len(widths) - 1, 0, -1):
     shapes += [(f"dec{level}a", 2 * widths[level - 1], widths[level - 1], size >> (level - 1)),
                (f"dec{level}b", widths[level - 1], widths[level - 1], size >> (level - 1))]

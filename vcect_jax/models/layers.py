@@ -23,8 +23,6 @@ Because the class subclasses `nnx.ConvTranspose` and only replaces `__call__`, i
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,9 +112,7 @@ class SubpixelConvTranspose(nnx.ConvTranspose):
     else:
       pad_h = (-emin_h, q_h + taps_h.shape[0] - 1 + emin_h - h)
       pad_w = (-emin_w, q_w + taps_w.shape[0] - 1 + emin_w - w)
-      y = jax.lax.conv_general_dilated(inputs, combined, (1, 1), (pad_h, pad_w),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
-                                       preferred_element_type=self.preferred_element_type)
+      y = _conv_nhwc(inputs, combined, (1, 1), (pad_h, pad_w), self.precision, self.preferred_element_type)
     y = y.reshape(b, q_h, q_w, sh, sw, c_out).transpose(0, 1, 3, 2, 4, 5).reshape(b, q_h * sh, q_w * sw, c_out)
     y = y[:, :out_h, :out_w, :]
     if bias is not None:
@@ -167,23 +163,24 @@ def strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   return _strided_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _strided_conv(x, kernel, strides, pads, precision, preferred_element_type):
+def _conv_nhwc(x, kernel, strides, pads, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` of an NHWC input with an HWIO kernel, no dilation."""
   return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision,
                                       preferred_element_type=preferred_element_type)
 
 
+_strided_conv = jax.custom_vjp(_conv_nhwc, nondiff_argnums=(2, 3, 4, 5))
+
+
 def _strided_conv_fwd(x, kernel, strides, pads, precision, preferred_element_type):
-  return _strided_conv(x, kernel, strides, pads, precision, preferred_element_type), (x, kernel)
+  return _conv_nhwc(x, kernel, strides, pads, precision, preferred_element_type), (x, kernel)
 
 
 def _strided_conv_bwd(strides, pads, precision, preferred_element_type, residuals, g):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: space_to_depth_conv(x, kernel, strides, pads, precision,
                                                        preferred_element_type), x)
-  _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
-      x, k, strides, pads, dimension_numbers=_NHWC, precision=precision,
-      preferred_element_type=preferred_element_type), kernel)
+  _, kernel_vjp = jax.vjp(lambda k: _conv_nhwc(x, k, strides, pads, precision, preferred_element_type), kernel)
   return input_vjp(g)[0], kernel_vjp(g)[0]
 
 
@@ -214,8 +211,7 @@ def space_to_depth_conv(x, kernel, strides, pads, precision=None, preferred_elem
   k = jnp.pad(kernel, ((0, ka_h * sh - kh), (0, ka_w * sw - kw), (0, 0), (0, 0)))
   k = k.reshape(ka_h, sh, ka_w, sw, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
   k = k.reshape(ka_h, ka_w, sh * sw * c_in, c_out)
-  return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC, precision=precision,
-                                      preferred_element_type=preferred_element_type)
+  return _conv_nhwc(x, k, (1, 1), "VALID", precision, preferred_element_type)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
