@@ -2,11 +2,21 @@
 
   python -m benchmarks.quality --phase=arterial --seed=11 --workdir=/tmp/quality_arterial_11
       [--variant=demo] [--split=test] [--set train.steps=400 ...] [--data_dir=CONVERTED] [--reuse]
+      [--test_seed=41 [--test_cases=12]] [--test_data_dir=HELD_OUT]
 
 Training is `vcect_jax.runtime.dispatch` (mode 'train') on `configs/<phase>.py:<variant>` with
 `data.phantom.seed = --seed` (the phantom generated and converted under `<workdir>/data`, unless `--data_dir`
 names a conversion); evaluation is `vcect_jax.evaluate.run` (mode 'eval') on `--split`, whose report lands in
-`<workdir>/report_<split>`. The table compares three predictions of the contrast slice, on the same records:
+`<workdir>/report_<split>`.
+
+A held-out test set (`--test_seed`, `--test_data_dir`): the phantom's own test split is 2-4 cases, too few to tell
+settings apart. `--test_seed=S` generates the config's phantom geometry (`data.phantom`, `--test_cases` cases) with
+phantom seed S and converts it once into `--test_data_dir` (default `<workdir>/heldout_<S>`) with every case in
+the test split (`split_fractions=(0, 0, 1)`, rank split) and the paper's alignment, whatever the training data's
+alignment; the model is then evaluated and scored on that set instead (report in `<workdir>/report_heldout_test`).
+`--test_data_dir` alone names such a conversion made before (by this script, or by `python -m data_prep.phantom`
+and `python -m data_prep.convert --split_method=rank --split_fractions=0,0,1`), to score every run of a comparison
+on the same records. The table compares three predictions of the contrast slice, on the same records:
 
   model:    the trained generator, mapped to HU by evaluation's rule (`evaluate.virtual_hu`);
   identity: the non-contrast slice itself (what doing nothing scores);
@@ -126,13 +136,49 @@ def table(scores: dict[str, dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
-def run(config, workdir: str, split: str = "test", train: bool = True) -> dict:
+def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0) -> str:
+  """A held-out test set: `config.data.phantom`'s geometry with phantom seed `seed` (`cases` cases, 0: the
+  config's), converted at `config.data.image_size` with the paper's alignment and every case in the test split.
+  Made once: an `out_dir` whose `settings.json` matches is reused. Returns the conversion (`<out_dir>/converted`).
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from data_prep import convert  # pylint: disable=g-import-not-at-top
+  from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  from data_prep import phases  # pylint: disable=g-import-not-at-top
+
+  p = config.data.phantom
+  geometry = dict(cases=int(cases or p.cases), seed=int(seed), size=int(p.size), slices=int(p.slices),
+                  slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing))
+  settings = {"phantom": geometry, "image_size": int(config.data.image_size), "split_fractions": [0.0, 0.0, 1.0]}
+  converted, stamp = os.path.join(out_dir, "converted"), os.path.join(out_dir, "settings.json")
+  if os.path.exists(stamp) and os.path.exists(os.path.join(converted, "manifest.json")):
+    with open(stamp) as f:
+      if json.load(f) == settings:
+        return converted
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.makedirs(out_dir)
+  dicom_dir, key_file = os.path.join(out_dir, "dicom"), os.path.join(out_dir, "phantom.hmac_key")
+  phantom.generate(dicom_dir, **geometry)
+  with open(key_file, "wb") as f:  # as data_prep.prepare: the key, and so the case ids, follow from the seed
+    f.write(hashlib.sha256(f"vcect-phantom-{seed}".encode()).digest())
+  convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
+                               image_size=int(config.data.image_size), key_file=key_file,
+                               split_fractions=(0.0, 0.0, 1.0), split_method="rank"))
+  with open(stamp, "w") as f:
+    json.dump(settings, f)
+  return converted
+
+
+def run(config, workdir: str, split: str = "test", train: bool = True, test_data_dir: str = "") -> dict:
   """Trains `config` in `workdir` (unless `train` is False: an existing run), evaluates `split` through eval mode,
-  and scores model, identity and oracle on the same records.
+  and scores model, identity and oracle on the same records: those of the training data (`config.data.dir` or
+  the phantom), or of `test_data_dir` (a held-out conversion, e.g. `heldout_dataset`) when given.
 
   Returns:
     {"scores": method -> key -> mean, "table": str, "goals": name -> bool, "eval": evaluate.run's result,
-    "train_seconds": float, "data_dir": str}.
+    "train_seconds": float, "data_dir": str (the training data), "test_data_dir": str (the scored records)}.
   """
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from vcect_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -148,13 +194,17 @@ def run(config, workdir: str, split: str = "test", train: bool = True) -> dict:
   eval_config.mode = "eval"
   eval_config.eval.checkpoint = workdir
   eval_config.eval.split = split
-  eval_config.eval.report_dir = os.path.join(workdir, f"report_{split}")
+  eval_config.eval.report_dir = os.path.join(workdir, f"report_heldout_{split}" if test_data_dir else
+                                             f"report_{split}")
+  if test_data_dir:
+    eval_config.data.dir = test_data_dir
   result = runtime.dispatch(eval_config, workdir)
 
   data_dir = config.data.dir or prepare.ensure_dataset(config, workdir)
+  scored_dir = test_data_dir or data_dir
   loaded = checkpoint.load_generator(workdir)
   window = hu.Window.from_config(loaded.config.data.window)
-  source = input_pipeline.load_source(data_dir, config.phase, split)
+  source = input_pipeline.load_source(scored_dir, config.phase, split)
   scores = score_split(source, evaluate.make_predict_fn(loaded.generator), window,
                        batch_size=int(config.eval.batch_size))
   reported = result["overall"][evaluate.MODEL]["hu/mae"]["mean"]
@@ -162,7 +212,7 @@ def run(config, workdir: str, split: str = "test", train: bool = True) -> dict:
     raise AssertionError(f"eval mode's model MAE {reported} differs from the benchmark's "
                          f"{scores[evaluate.MODEL]['hu/mae']}: the two read different records")
   return {"scores": scores, "table": table(scores), "goals": goals(scores, config.phase), "eval": result,
-          "train_seconds": seconds, "data_dir": data_dir}
+          "train_seconds": seconds, "data_dir": data_dir, "test_data_dir": scored_dir}
 
 
 def _literal(text: str):
@@ -197,11 +247,30 @@ def main(argv=None) -> dict:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override, e.g. --set train.steps=400 (repeatable)")
   parser.add_argument("--reuse", action="store_true", help="evaluate the run already in --workdir")
+  parser.add_argument("--test_seed", type=int, default=None,
+                      help="score on a held-out phantom of this seed (the config's phantom geometry, every case in "
+                           "the test split), made once in --test_data_dir")
+  parser.add_argument("--test_cases", type=int, default=0, help="cases of the --test_seed phantom (0: the config's)")
+  parser.add_argument("--test_data_dir", default="",
+                      help="the held-out set's folder with --test_seed (default <workdir>/heldout_<seed>); alone: a "
+                           "held-out conversion made before (or such a folder: its converted/), scored instead of "
+                           "the training data's --split")
   args = parser.parse_args(argv)
+  if args.test_seed is not None and args.test_seed == args.seed:
+    parser.error("--test_seed must differ from --seed (the training phantom's)")
   config = build_config(args.phase, args.variant, args.seed, args.set, args.data_dir)
-  out = run(config, args.workdir, args.split, train=not args.reuse)
-  print(f"{args.phase}, phantom seed {args.seed}, :{args.variant} {' '.join(args.set)}, {args.split} split "
-        f"({out['eval']['cases']} cases), training {out['train_seconds']:.0f} s")
+  test_data_dir = args.test_data_dir
+  if test_data_dir and args.test_seed is None and os.path.exists(os.path.join(test_data_dir, "converted",
+                                                                              "manifest.json")):
+    test_data_dir = os.path.join(test_data_dir, "converted")  # a folder made with --test_seed
+  if args.test_seed is not None:
+    test_data_dir = heldout_dataset(config, args.test_seed,
+                                    args.test_data_dir or os.path.join(args.workdir, f"heldout_{args.test_seed}"),
+                                    args.test_cases)
+  out = run(config, args.workdir, args.split, train=not args.reuse, test_data_dir=test_data_dir)
+  scored = f"held-out set {test_data_dir}" if test_data_dir else f"phantom seed {args.seed}"
+  print(f"{args.phase}, trained on phantom seed {args.seed}, :{args.variant} {' '.join(args.set)}, {args.split} "
+        f"split of the {scored} ({out['eval']['cases']} cases), training {out['train_seconds']:.0f} s")
   print(out["table"])
   for name, met in out["goals"].items():
     print(f"  {'met    ' if met else 'NOT met'}  {name}")

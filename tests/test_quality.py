@@ -1,11 +1,15 @@
 """The quality benchmark in its tiny mode: smoke config, a few training steps, the table and its oracle row."""
 
+import json
 import math
+import os
 
 import numpy as np
 
 from benchmarks import quality
 from vcect_jax import evaluate
+from vcect_jax import hu
+from vcect_jax import input_pipeline
 
 
 def test_tiny_quality_run_oracle_beats_identity(smoke, tmp_path):
@@ -27,6 +31,25 @@ def test_tiny_quality_run_oracle_beats_identity(smoke, tmp_path):
     assert abs(scores[evaluate.IDENTITY][f"{organ}/ratio"]) < 1e-9, organ
   assert out["table"].splitlines()[0].startswith("| metric | model | identity | oracle |")
   assert out["eval"]["cases"] >= 1 and np.isfinite(scores[evaluate.MODEL]["hu/mae"])
+
+  # The same model scored on a held-out phantom of another seed: every case of it in the test split, and the
+  # benchmark's rows (eval mode's too, which run() cross-checks) are those of the held-out records.
+  heldout_root = str(tmp_path / "heldout")
+  heldout = quality.heldout_dataset(smoke, seed=smoke.data.phantom.seed + 1, out_dir=heldout_root, cases=3)
+  with open(os.path.join(heldout, "manifest.json")) as f:
+    splits = json.load(f)["phases"][smoke.phase]["splits"]
+  assert splits["train"]["cases"] == splits["validation"]["cases"] == 0 and splits["test"]["cases"] >= 1
+  stamp = os.path.join(heldout, "manifest.json")
+  before = os.stat(stamp).st_mtime_ns
+  assert quality.heldout_dataset(smoke, smoke.data.phantom.seed + 1, heldout_root, cases=3) == heldout
+  assert os.stat(stamp).st_mtime_ns == before, "a held-out set with the same settings is made again"
+  held = quality.run(smoke, str(tmp_path / "run"), split="test", train=False, test_data_dir=heldout)
+  assert held["test_data_dir"] == heldout and held["eval"]["cases"] == splits["test"]["cases"]
+  window = hu.Window.from_config(smoke.data.window)
+  direct = quality.score_split(input_pipeline.load_source(heldout, smoke.phase, "test"), None, window)
+  for key in ("hu/mae", "hu/psnr", "aorta/mae"):
+    assert math.isclose(held["scores"][evaluate.IDENTITY][key], direct[evaluate.IDENTITY][key]), key
+  assert held["scores"][evaluate.IDENTITY]["hu/mae"] != scores[evaluate.IDENTITY]["hu/mae"]
 
 
 def test_oracle_fills_organs_of_the_non_contrast_labels():
