@@ -26,6 +26,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# Optional: oneDNN convolutions for CPU (vcect_jax/cpu_kernels), when oneDNN 2.x is installed (libdnnl-dev).
+	$(BIN)/python -m vcect_jax.cpu_kernels.build --if_possible
 	touch $(STAMP)
 
 clean-venv:

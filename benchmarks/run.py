@@ -274,7 +274,9 @@ def layer_profile(size: int = 256, batch: int = 2, rounds: int = 5, log=print) -
   for name, cin, cout, hw, kind in cases:
     rngs = nnx.Rngs(0)
     if kind == "conv":
-      layer = nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+      # What the networks run: oneDNN on CPU when built (vcect_jax.cpu_kernels; VCECT_ONEDNN=0 for XLA's own).
+      layer = nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs,
+                       conv_general_dilated=layers.conv)
     else:
       cls = nnx.ConvTranspose if kind == "lax" else layers.SubpixelConvTranspose
       layer = cls(cin, cout, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
@@ -286,6 +288,9 @@ def layer_profile(size: int = 256, batch: int = 2, rounds: int = 5, log=print) -
     t_f = _median_call(lambda: jax.block_until_ready(fwd(params, x)), rounds)
     t_b = _median_call(lambda: jax.block_until_ready(fb(params, x)), rounds)
     fl_f, fl_b = (c.cost_analysis().get("flops", 0.0) for c in (fwd, fb))
+    if kind == "conv":  # XLA's cost analysis does not count a custom call's flops
+      fl_f = 2.0 * batch * hw * hw * 9 * cin * cout
+      fl_b = 3 * fl_f
     rows.append({"layer": name, "in": cin, "out": cout, "size": hw, "fwd_s": t_f, "fwd_bwd_s": t_b,
                  "fwd_gflops": fl_f / 1e9, "fwd_bwd_gflops": fl_b / 1e9})
     log(f"{name:28s} {cin:4d}->{cout:<5d} {hw:4d} {t_f * 1e3:8.1f} {fl_f / t_f / 1e9:7.0f} {t_b * 1e3:10.1f} "

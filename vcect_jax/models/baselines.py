@@ -102,7 +102,7 @@ class Norm(nnx.Module):
 def _conv(in_f, out_f, kernel, *, strides=1, padding=0, bias=True, init, rngs):
   pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
   return nnx.Conv(in_f, out_f, (kernel, kernel), strides=strides, padding=pad, use_bias=bias, kernel_init=init,
-                  rngs=rngs, conv_general_dilated=layers.strided_conv)  # strided: see models/layers.py
+                  rngs=rngs, conv_general_dilated=layers.conv)  # fastest path per platform: models/layers.py
 
 
 def _conv_transpose(in_f, out_f, kernel, *, torch_padding, output_padding=0, bias=True, init, rngs):

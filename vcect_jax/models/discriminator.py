@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcect_jax.models import layers
 from vcect_jax.models.generator import ConvBNAct
 from vcect_jax.models.generator import compute_dtype
 
@@ -47,7 +48,8 @@ class Discriminator(nnx.Module):
                               momentum=float(config.get("bn_momentum", 0.9)), dtype=dtype, rngs=rngs))
       in_features = width
     self.blocks = nnx.List(blocks)
-    self.logits = nnx.Conv(in_features, 1, (kernel_size, kernel_size), padding="SAME", rngs=rngs)
+    self.logits = nnx.Conv(in_features, 1, (kernel_size, kernel_size), padding="SAME", rngs=rngs,
+                          conv_general_dilated=layers.conv)
 
   def __call__(self, x: jax.Array, y: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     if x.shape[:3] != y.shape[:3] or x.shape[-1] != self.input_channels or y.shape[-1] != self.target_channels:

@@ -70,18 +70,16 @@ class ConvBNAct(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, strides: int = 1,
                negative_slope: float = 0.0, momentum: float = 0.9, dtype=None, rngs: nnx.Rngs):
     # The bias is redundant in front of BatchNorm.
-    # Strided convolutions get a faster input gradient (same parameters and results; models/layers.py).
+    # The fastest convolution path per platform (same parameters and results; models/layers.py `conv`).
     self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=strides,
                          padding="SAME", use_bias=False, dtype=dtype, rngs=rngs,
-                         conv_general_dilated=layers.strided_conv)
+                         conv_general_dilated=layers.conv)
     self.norm = nnx.BatchNorm(out_features, momentum=momentum, dtype=dtype, rngs=rngs)
     self.negative_slope = negative_slope
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    x = self.norm(self.conv(x), use_running_average=use_running_average)
-    if self.negative_slope:
-      return jax.nn.leaky_relu(x, self.negative_slope)
-    return jax.nn.relu(x)
+    # nnx.BatchNorm + (Leaky)ReLU, with a faster backward pass on CPU (same results; models/layers.py).
+    return layers.batch_norm_act(self.norm, self.conv(x), use_running_average, self.negative_slope)
 
 
 class DoubleConv(nnx.Module):

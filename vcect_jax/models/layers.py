@@ -23,10 +23,14 @@ Because the class subclasses `nnx.ConvTranspose` and only replaces `__call__`, i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from vcect_jax import cpu_kernels
 
 
 def _pads(kernel: int, stride: int, padding) -> tuple[int, int]:
@@ -118,6 +122,50 @@ class SubpixelConvTranspose(nnx.ConvTranspose):
     if bias is not None:
       y = y + bias.reshape(1, 1, 1, -1)
     return y
+
+
+# ------------------------------------------------------------------------------------------------ convolution
+def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+         feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.conv_general_dilated` for the networks' convolutions: the fastest measured path on each platform.
+
+  On CPU, when the oneDNN handlers are built (`vcect_jax.cpu_kernels`), float32 2-D NHWC / HWIO convolutions
+  without dilation or grouping run oneDNN's forward, backward-data and backward-weights primitives (a custom VJP;
+  the paper-size training step 5.2 -> see benchmarks/RESULTS.md, "Performance"). Otherwise `strided_conv`
+  (XLA's convolutions, with a faster input gradient for strided ones on CPU), which is `lax.conv_general_dilated`
+  itself on GPU and TPU. Pass it as `nnx.Conv(..., conv_general_dilated=conv)`: the parameters are unchanged, and
+  values and gradients equal XLA's to float32 rounding (tests/test_cpu_kernels.py).
+  """
+  if (on_cpu() and lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2 and _is_nhwc(dimension_numbers)
+      and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+      and preferred_element_type in (None, jnp.float32, np.float32)
+      and all(int(d) == 1 for d in (lhs_dilation or (1, 1))) and all(int(d) == 1 for d in (rhs_dilation or (1, 1)))
+      and feature_group_count == 1 and batch_group_count == 1 and kwargs.get("out_sharding") is None
+      and cpu_kernels.available()):
+    strides = tuple(int(s) for s in window_strides)
+    pads = tuple(_resolved_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides))
+    if all(lo >= 0 and hi >= 0 for lo, hi in pads):
+      return _onednn_conv(lhs, rhs, strides, pads)
+  return strided_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                      feature_group_count, batch_group_count, precision, preferred_element_type, **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, kernel, strides, pads):
+  return cpu_kernels.conv_forward(x, kernel, strides, pads)
+
+
+def _onednn_conv_fwd(x, kernel, strides, pads):
+  return cpu_kernels.conv_forward(x, kernel, strides, pads), (x, kernel)
+
+
+def _onednn_conv_bwd(strides, pads, residuals, g):
+  x, kernel = residuals
+  return (cpu_kernels.conv_backward_data(g, kernel, x.shape, strides, pads),
+          cpu_kernels.conv_backward_weights(x, g, kernel.shape, strides, pads))
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 
 # ------------------------------------------------------------------------------------------------ strided convolution
@@ -224,6 +272,78 @@ def _is_nhwc(dimension_numbers) -> bool:
   if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
     return dimension_numbers == jax.lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
   return tuple(dimension_numbers) == _NHWC
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm + activation
+def batch_norm_act(norm: nnx.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                   negative_slope: float = 0.0) -> jax.Array:
+  """`act(norm(x, use_running_average))` with act ReLU (`negative_slope` 0) or LeakyReLU: same values, gradients
+  and running-statistic updates as `nnx.BatchNorm` followed by `jax.nn.relu` / `jax.nn.leaky_relu`.
+
+  In training mode on CPU, a custom VJP computes the backward pass of batch statistics, normalisation and
+  activation in two fused passes (the per-channel sums of the upstream gradient and of its product with the
+  normalised input, then the input gradient). Autodiff of Flax's BatchNorm leaves XLA CPU several reductions that
+  it rewrites into slow reduce-windows: the backward pass of one BatchNorm + ReLU at 256 px, 32 channels, batch 2
+  took 26 ms, here 13 (benchmarks/RESULTS.md, "Performance"). Evaluation mode, other platforms, and BatchNorm
+  settings this does not cover (non-float32, a feature axis other than the last, `axis_name`, the exact-variance
+  formula, no scale or bias) run Flax's own code.
+  """
+  use_running_average = use_running_average if use_running_average is not None else norm.use_running_average
+  fast = (not use_running_average and on_cpu() and x.dtype == jnp.float32 and norm.dtype in (None, jnp.float32)
+          and norm.axis in (-1, x.ndim - 1) and norm.axis_name is None and norm.use_fast_variance
+          and norm.scale is not None and norm.bias is not None)
+  if not fast:
+    y = norm(x, use_running_average=use_running_average)
+    return jax.nn.leaky_relu(y, negative_slope) if negative_slope else jax.nn.relu(y)
+  y, mean, var = _bn_act(x, norm.scale[...], norm.bias[...], float(norm.epsilon), float(negative_slope))
+  momentum = norm.momentum
+  norm.mean[...] = jax.lax.stop_gradient(momentum * norm.mean[...] + (1 - momentum) * mean)
+  norm.var[...] = jax.lax.stop_gradient(momentum * norm.var[...] + (1 - momentum) * var)
+  return y
+
+
+def _channel_sums(*arrays):
+  return [jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays]
+
+
+def _activate(z, slope):
+  return jnp.where(z >= 0, z, slope * z) if slope else jnp.maximum(z, 0)   # as jax.nn.leaky_relu / relu
+
+
+def _activation_grad(z, g, slope):
+  """The cotangent of `_activate` at z: jax.nn.relu's is 0 at z = 0, leaky_relu's is 1."""
+  return jnp.where(z >= 0, g, slope * g) if slope else jnp.where(z > 0, g, jnp.zeros((), g.dtype))
+
+
+def _bn_act_forward(x, scale, bias, epsilon, slope):
+  count = x.size // x.shape[-1]
+  total, total_sq = _channel_sums(x, x * x)
+  mean = total / count
+  var = jnp.maximum(0.0, total_sq / count - mean * mean)   # Flax's fast variance, clipped as Flax does
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = _activate((x - mean) * (inv * scale) + bias, slope)
+  return (y, mean, var), (x, mean, inv, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_act(x, scale, bias, epsilon, slope):
+  return _bn_act_forward(x, scale, bias, epsilon, slope)[0]
+
+
+def _bn_act_bwd(epsilon, slope, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale, bias = residuals
+  g, g_mean, g_var = cotangents   # the statistics feed only the (stop-gradient) running averages: usually zeros
+  count = x.size // x.shape[-1]
+  x_hat = (x - mean) * inv
+  g_z = _activation_grad(x_hat * scale + bias, g, slope)
+  g_bias, g_scale = _channel_sums(g_z, g_z * x_hat)
+  g_x = (inv * scale) * (g_z - g_bias / count - x_hat * (g_scale / count))
+  g_x = g_x + g_mean / count + (2.0 / count) * g_var * (x - mean)
+  return g_x, g_scale, g_bias
+
+
+_bn_act.defvjp(_bn_act_forward, _bn_act_bwd)
 
 
 # ------------------------------------------------------------------------------------------------ max-pool
