@@ -131,7 +131,7 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
 
   On CPU, when the oneDNN handlers are built (`vcect_jax.cpu_kernels`), float32 2-D NHWC / HWIO convolutions
   without dilation or grouping run oneDNN's forward, backward-data and backward-weights primitives (a custom VJP;
-  the paper-size training step 5.2 -> see benchmarks/RESULTS.md, "Performance"). Otherwise `strided_conv`
+  benchmarks/RESULTS.md, "Performance", section 7). Otherwise `strided_conv`
   (XLA's convolutions, with a faster input gradient for strided ones on CPU), which is `lax.conv_general_dilated`
   itself on GPU and TPU. Pass it as `nnx.Conv(..., conv_general_dilated=conv)`: the parameters are unchanged, and
   values and gradients equal XLA's to float32 rounding (tests/test_cpu_kernels.py).
