@@ -91,10 +91,14 @@ def test_build_says_what_to_install_without_onednn(monkeypatch, tmp_path):
   assert not (tmp_path / "lib.so").exists()
 
 
-def test_library_name_follows_source_and_jaxlib():
+def test_library_name_follows_source_and_jaxlib(monkeypatch, tmp_path):
   path = cpu_kernels.library_path()
   assert path.parent == cpu_kernels.BUILD_DIR and path.suffix == ".so"
   assert path == cpu_kernels.library_path()   # stable
+  changed = tmp_path / "onednn_conv.cc"
+  changed.write_bytes(cpu_kernels.SOURCE.read_bytes() + b"// changed\n")
+  monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+  assert cpu_kernels.library_path() != path, "a changed source would be served the stale build"
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm + act

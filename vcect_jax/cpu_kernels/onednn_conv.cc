@@ -17,7 +17,6 @@
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -220,7 +219,8 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
 
 }  // namespace
 
-#define VCECT_CONV_BINDING(first, second, result)                                                        \
+// The three handlers' common signature: two float32 buffers in, one out, then the six attributes.
+#define VCECT_CONV_BINDING                                                                               \
   ffi::Ffi::Bind()                                                                                       \
       .Arg<ffi::Buffer<ffi::F32>>()                                                                      \
       .Arg<ffi::Buffer<ffi::F32>>()                                                                      \
@@ -232,6 +232,6 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
       .Attr<int64_t>("pad_left")                                                                         \
       .Attr<int64_t>("pad_right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvForward, Forward, VCECT_CONV_BINDING(x, w, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvBackwardData, BackwardData, VCECT_CONV_BINDING(dy, w, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvBackwardWeights, BackwardWeights, VCECT_CONV_BINDING(x, dy, dw));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvForward, Forward, VCECT_CONV_BINDING);  // (x, w) -> y
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvBackwardData, BackwardData, VCECT_CONV_BINDING);  // (dy, w) -> dx
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VcectConvBackwardWeights, BackwardWeights, VCECT_CONV_BINDING);  // (x, dy) -> dw

@@ -136,12 +136,10 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   itself on GPU and TPU. Pass it as `nnx.Conv(..., conv_general_dilated=conv)`: the parameters are unchanged, and
   values and gradients equal XLA's to float32 rounding (tests/test_cpu_kernels.py).
   """
-  if (on_cpu() and lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2 and _is_nhwc(dimension_numbers)
+  if (on_cpu() and _plain_2d_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                                  feature_group_count, batch_group_count, kwargs)
       and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-      and preferred_element_type in (None, jnp.float32, np.float32)
-      and all(int(d) == 1 for d in (lhs_dilation or (1, 1))) and all(int(d) == 1 for d in (rhs_dilation or (1, 1)))
-      and feature_group_count == 1 and batch_group_count == 1 and kwargs.get("out_sharding") is None
-      and cpu_kernels.available()):
+      and preferred_element_type in (None, jnp.float32, np.float32) and cpu_kernels.available()):
     strides = tuple(int(s) for s in window_strides)
     pads = tuple(_resolved_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides))
     if all(lo >= 0 and hi >= 0 for lo, hi in pads):
@@ -198,11 +196,9 @@ def strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   XLA's to float32 rounding (tests/test_layers.py).
   """
   strides = tuple(int(s) for s in window_strides)
-  plain = (not on_cpu() or len(strides) != 2 or lhs.ndim != 4 or rhs.ndim != 4 or all(s == 1 for s in strides)
-           or any(int(d) != 1 for d in (lhs_dilation or (1, 1)))
-           or any(int(d) != 1 for d in (rhs_dilation or (1, 1)))
-           or feature_group_count != 1 or batch_group_count != 1 or kwargs.get("out_sharding") is not None
-           or not _is_nhwc(dimension_numbers))
+  plain = (not on_cpu() or all(s == 1 for s in strides)
+           or not _plain_2d_nhwc(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                                 feature_group_count, batch_group_count, kwargs))
   if plain:
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
@@ -263,6 +259,16 @@ def space_to_depth_conv(x, kernel, strides, pads, precision=None, preferred_elem
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _plain_2d_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                   batch_group_count, kwargs) -> bool:
+  """Whether a `lax.conv_general_dilated` call is a 2-D NHWC / HWIO convolution without dilation, grouping or an
+  output sharding: the calls that `conv` and `strided_conv` may compute another way."""
+  return (lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2 and _is_nhwc(dimension_numbers)
+          and all(int(d) == 1 for d in (lhs_dilation or (1, 1)))
+          and all(int(d) == 1 for d in (rhs_dilation or (1, 1)))
+          and feature_group_count == 1 and batch_group_count == 1 and kwargs.get("out_sharding") is None)
 
 
 def _is_nhwc(dimension_numbers) -> bool:
