@@ -141,12 +141,12 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0) -> str:
   config's), converted at `config.data.image_size` with the paper's alignment and every case in the test split.
   Made once: an `out_dir` whose `settings.json` matches is reused. Returns the conversion (`<out_dir>/converted`).
   """
-  import hashlib  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
   from data_prep import phases  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
 
   p = config.data.phantom
   geometry = dict(cases=int(cases or p.cases), seed=int(seed), size=int(p.size), slices=int(p.slices),
@@ -159,10 +159,9 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0) -> str:
         return converted
   shutil.rmtree(out_dir, ignore_errors=True)
   os.makedirs(out_dir)
-  dicom_dir, key_file = os.path.join(out_dir, "dicom"), os.path.join(out_dir, "phantom.hmac_key")
+  dicom_dir = os.path.join(out_dir, "dicom")
   phantom.generate(dicom_dir, **geometry)
-  with open(key_file, "wb") as f:  # as data_prep.prepare: the key, and so the case ids, follow from the seed
-    f.write(hashlib.sha256(f"vcect-phantom-{seed}".encode()).digest())
+  key_file = prepare.write_phantom_key(os.path.join(out_dir, "phantom.hmac_key"), seed)
   convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                image_size=int(config.data.image_size), key_file=key_file,
                                split_fractions=(0.0, 0.0, 1.0), split_method="rank"))

@@ -119,6 +119,14 @@ def check_dataset(config) -> str:
   return str(data_dir)
 
 
+def write_phantom_key(path: str, seed: int) -> str:
+  """Writes the pseudonymisation key of phantom seed `seed` to `path` and returns `path`. The key is fixed by the
+  seed, so that the phantom's case ids and splits are reproducible."""
+  with open(path, "wb") as f:
+    f.write(hashlib.sha256(f"vcect-phantom-{seed}".encode()).digest())
+  return path
+
+
 def ensure_dataset(config, workdir: str) -> str:
   """`config.data.dir` if set (checked), else the converted phantom dataset under `<workdir>/data` (made once).
 
@@ -168,10 +176,7 @@ def ensure_dataset(config, workdir: str) -> str:
     with open(dicom_stamp, "w") as f:
       json.dump(dicom_settings, f)
   log.info("Converting the phantom to records in %s", converted)
-  # The phantom's pseudonymisation key is fixed by its seed, so that its case ids and splits are reproducible.
-  key_file = os.path.join(root, "phantom.hmac_key")
-  with open(key_file, "wb") as f:
-    f.write(hashlib.sha256(f"vcect-phantom-{p.seed}".encode()).digest())
+  key_file = write_phantom_key(os.path.join(root, "phantom.hmac_key"), int(p.seed))
   convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                image_size=int(config.data.image_size), key_file=key_file,
                                split_fractions=tuple(p.split_fractions), split_method="rank",
