@@ -352,6 +352,9 @@ def main(argv=None) -> list[dict]:
                            "default runs each side in its own process, twice")
   parser.add_argument("--side", choices=("jax", "torch"), default="",
                       help="one side only, in this process (what the default's subprocesses run)")
+  parser.add_argument("--passes", type=int, default=0,
+                      help="processes per side, alternating (default 2, --tiny 1); more on a machine whose speed "
+                           "drifts between minutes")
   parser.add_argument("--json", default="", help="also write the rows to this file")
   parser.add_argument("--layers", action="store_true", help="JAX only: per-layer profile of the generator")
   parser.add_argument("--swap", action="store_true",
@@ -370,7 +373,7 @@ def main(argv=None) -> list[dict]:
     rows = run(sizes, args.batch, rounds, tiny=args.tiny, with_torch=not args.no_torch)
   else:
     passthrough = [f"--sizes={','.join(str(x) for x in sizes)}", f"--batch={args.batch}", f"--rounds={rounds}"]
-    rows = separate(passthrough + (["--tiny"] if args.tiny else []), passes=1 if args.tiny else 2)
+    rows = separate(passthrough + (["--tiny"] if args.tiny else []), passes=args.passes or (1 if args.tiny else 2))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

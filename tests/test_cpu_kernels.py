@@ -26,6 +26,7 @@ CASES = [
     (3, 16, 8, 16, 4, 2, "SAME"),         # the discriminator's 4x4 / stride 2 (asymmetric padding)
     (1, 12, 16, 4, 1, 1, "VALID"),        # a 1x1 head
     (2, 17, 5, 6, 4, 2, ((1, 1), (2, 0))),  # odd size, explicit uneven padding
+    (4, 8, 16, 8, 3, 1, "SAME"),          # batch 4: two chunks of two images on a 2-thread pool
 ]
 
 
@@ -38,8 +39,12 @@ def _fast(x, w, stride, padding):
 
 
 @needs_onednn
+@pytest.mark.parametrize("threads", ["pool", "omp"])
 @pytest.mark.parametrize("case", CASES)
-def test_onednn_conv_matches_xla_forward_and_gradients(case):
+def test_onednn_conv_matches_xla_forward_and_gradients(case, threads, monkeypatch):
+  # "pool": the batch split into chunks run on XLA's thread pool (the kernel gradients summed over chunks);
+  # "omp": one call on oneDNN's own OpenMP threads. The handlers read the setting on every call.
+  monkeypatch.setenv("VCECT_ONEDNN_THREADS", threads)
   b, size, c_in, c_out, k, stride, padding = case
   rng = np.random.default_rng(sum(map(hash, map(str, case))) % 2**32)
   x = jnp.asarray(rng.standard_normal((b, size, size, c_in)), jnp.float32)

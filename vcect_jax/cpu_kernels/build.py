@@ -58,7 +58,7 @@ def build(force: bool = False) -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     partial = pathlib.Path(tmp) / target.name
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{jax.ffi.include_dir()}",
                f"-I{prefix / 'include'}", str(cpu_kernels.SOURCE), f"-L{prefix / 'lib'}",
                f"-Wl,-rpath,{prefix / 'lib'}", "-ldnnl", "-o", str(partial)]
     result = subprocess.run(command, capture_output=True, text=True)

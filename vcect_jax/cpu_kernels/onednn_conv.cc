@@ -8,15 +8,27 @@
 // row-major NHWC layout (oneDNN's `nhwc`); the kernel is XLA's HWIO, reordered to and from the blocked layout
 // oneDNN picks for the fastest implementation (`format_tag::any`: about 4x faster than the plain-layout GEMM path
 // for the 3x3 layers of the U-Net at 256 px). Primitives are created once per shape and cached; execution uses a
-// per-call scratchpad; calls run one at a time (see Run).
+// per-call scratchpad. Threads (see Run): each call splits its batch into one chunk per thread of XLA's intra-op
+// pool and runs single-threaded primitives on the chunks, the calling thread taking chunks too, so convolutions
+// share the cores with the rest of XLA's work (VCECT_ONEDNN_THREADS=omp: one call at a time on OpenMP threads).
 // Python side: vcect_jax/cpu_kernels/__init__.py. Built by `python -m vcect_jax.cpu_kernels.build`.
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -104,62 +116,169 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g, Pass pass) {
   return plan;
 }
 
-const Plan& GetPlan(const Geometry& g, Pass pass) {
+// The primitive for a geometry, a pass and the number of OpenMP threads it runs on (made on first use; the caller
+// has set this thread's OpenMP thread count to `threads`, which oneDNN reads when it makes the primitive).
+const Plan& GetPlan(const Geometry& g, Pass pass, int threads) {
   static std::mutex mutex;
-  static std::map<std::pair<int, Geometry>, std::unique_ptr<Plan>> cache;
+  static std::map<std::tuple<int, int, Geometry>, std::unique_ptr<Plan>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto key = std::make_pair(static_cast<int>(pass), g);
+  auto key = std::make_tuple(static_cast<int>(pass), threads, g);
   auto it = cache.find(key);
   if (it == cache.end()) it = cache.emplace(key, MakePlan(g, pass)).first;
   return *it->second;
 }
 
-// Runs one pass. `a` and `b` are the inputs, `out` the result, in the order of the handler's signature.
-void Run(const Geometry& g, Pass pass, float* a, float* b, float* out) {
-  const Plan& plan = GetPlan(g, pass);
-  // One convolution at a time: XLA CPU runs independent operations on several threads at once, and each oneDNN
-  // call already uses all cores (OpenMP); two at once oversubscribe the cores.
-  // (Measured: the paper-size training step 4.3 s with this lock, 5.2-5.5 s without it, with 2 or 1 OpenMP threads.)
-  static std::mutex running;
-  std::lock_guard<std::mutex> lock(running);
+// The number of OpenMP threads oneDNN would use by default (read when the library is loaded, before any change).
+const int kProcessThreads = omp_get_max_threads();
+
+// How the calls use the cores, from VCECT_ONEDNN_THREADS (read per call, for A/B measurements):
+//   "pool" (default): each call splits its batch into chunks run by single-threaded oneDNN primitives on XLA's own
+//     intra-op thread pool (the FFI's ThreadPool context), the calling thread included, so that convolutions share
+//     the cores with the rest of XLA's work instead of competing with it;
+//   "omp": one oneDNN call at a time on its own OpenMP team (round 3's way); also what a call whose batch cannot be
+//     split (one image, or a pool of one thread) runs.
+bool PoolModeWanted() {
+  const char* mode = std::getenv("VCECT_ONEDNN_THREADS");
+  return !(mode && std::strcmp(mode, "omp") == 0);
+}
+
+// The largest divisor of n that is at most `target` (chunks of equal size share one primitive).
+int64_t ChunkCount(int64_t n, int64_t target) {
+  for (int64_t k = std::min(n, std::max<int64_t>(target, 1)); k > 1; --k)
+    if (n % k == 0) return k;
+  return 1;
+}
+
+// Runs work(0..k-1) on the calling thread and on up to k-1 tasks of XLA's thread pool; every thread takes the next
+// unclaimed chunk, so the caller never waits for a pool thread that is busy elsewhere unless that thread has
+// already claimed a chunk. A task that starts after all chunks are claimed returns at once (it holds only `state`).
+void ParallelChunks(ffi::ThreadPool& pool, int64_t k, const std::function<void(int64_t)>& work) {
+  if (k == 1) {
+    work(0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t total = 0, done = 0;
+    const std::function<void(int64_t)>* work = nullptr;  // valid while chunks are unclaimed (the caller waits)
+    std::mutex mutex;
+    std::condition_variable finished;
+    std::exception_ptr error;
+  };
+  auto state = std::make_shared<State>();
+  state->total = k;
+  state->work = &work;
+  auto drain = [](State& s) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) {
+      std::exception_ptr error;
+      try {
+        (*s.work)(i);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(s.mutex);
+      if (error && !s.error) s.error = error;
+      if (++s.done == s.total) s.finished.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < k; ++t) pool.Schedule([state, drain] { drain(*state); });
+  drain(*state);
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == state->total; });
+  if (state->error) std::rethrow_exception(state->error);
+}
+
+// One chunk of images: executes `plan` on float offsets of the activations. `weights` is the (blocked) kernel
+// for the forward and backward-data passes, or where the backward-weights pass writes its (blocked) gradient.
+void Execute(const Plan& plan, const Geometry& c, Pass pass, float* a, float* b, const memory& weights, float* out) {
   dnnl::engine& engine = Engine();
   dnnl::stream stream(engine);
-  std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan.scratchpad_md.get_size() + 1]);   // uninitialised
+  std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan.scratchpad_md.get_size() + 1]);  // uninitialised
   memory scratchpad(plan.scratchpad_md, engine, scratch.get());
-  memory::desc src_md = Activations(g.n, g.c, g.h, g.w), dst_md = Activations(g.n, g.o, g.oh, g.ow);
-  std::unique_ptr<uint8_t[]> blocked(new uint8_t[plan.weights_md.get_size() + 1]);
-  if (pass == Pass::kForward || pass == Pass::kBackwardData) {
-    float* weights_user = b;
-    memory weights(plan.weights_user_md, engine, weights_user);
-    if (plan.reorder_weights) {
-      memory internal(plan.weights_md, engine, blocked.get());
-      plan.to_internal.execute(stream, weights, internal);
-      weights = internal;
-    }
-    if (pass == Pass::kForward) {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_md, engine, a)},
-                                 {DNNL_ARG_WEIGHTS, weights},
-                                 {DNNL_ARG_DST, memory(dst_md, engine, out)},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, memory(dst_md, engine, a)},
-                                 {DNNL_ARG_WEIGHTS, weights},
-                                 {DNNL_ARG_DIFF_SRC, memory(src_md, engine, out)},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    }
+  const memory::desc src_md = Activations(c.n, c.c, c.h, c.w), dst_md = Activations(c.n, c.o, c.oh, c.ow);
+  if (pass == Pass::kForward) {
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_md, engine, a)},
+                               {DNNL_ARG_WEIGHTS, weights},
+                               {DNNL_ARG_DST, memory(dst_md, engine, out)},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (pass == Pass::kBackwardData) {
+    plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, memory(dst_md, engine, a)},
+                               {DNNL_ARG_WEIGHTS, weights},
+                               {DNNL_ARG_DIFF_SRC, memory(src_md, engine, out)},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad}});
   } else {
-    memory user(plan.weights_user_md, engine, out);
-    memory diff_weights = user;
-    if (plan.reorder_weights) {
-      diff_weights = memory(plan.weights_md, engine, blocked.get());
-    }
     plan.conv.execute(stream, {{DNNL_ARG_SRC, memory(src_md, engine, a)},
                                {DNNL_ARG_DIFF_DST, memory(dst_md, engine, b)},
-                               {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                               {DNNL_ARG_DIFF_WEIGHTS, weights},
                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    if (plan.reorder_weights) plan.to_user.execute(stream, diff_weights, user);
   }
   stream.wait();
+}
+
+// Runs one pass. `a` and `b` are the inputs, `out` the result, in the order of the handler's signature.
+void Run(const Geometry& g, Pass pass, float* a, float* b, float* out, ffi::ThreadPool& pool) {
+  // The largest number of equal chunks of the batch, at most one per thread of XLA's pool (two per thread measured
+  // the same on the paper-size step); none when the pool is missing.
+  const int64_t k = PoolModeWanted() ? ChunkCount(g.n, pool.num_threads()) : 1;
+  const bool use_pool = k > 1;
+  // "omp": one convolution at a time, on all cores. XLA CPU runs independent operations on several threads at once;
+  // two oneDNN calls with a team each would oversubscribe the cores (measured in round 3: the paper-size training
+  // step 4.3 s with this lock, 5.2-5.5 s without it).
+  static std::mutex running;
+  std::unique_lock<std::mutex> lock(running, std::defer_lock);
+  const int threads = use_pool ? 1 : kProcessThreads;
+  if (!use_pool) lock.lock();
+  omp_set_num_threads(threads);  // this thread's OpenMP setting (primitives are made and run for it)
+  Geometry c = g;
+  c.n = g.n / k;
+  const Plan& plan = GetPlan(c, pass, threads);
+  dnnl::engine& engine = Engine();
+  const int64_t src_chunk = c.n * c.h * c.w * c.c, dst_chunk = c.n * c.oh * c.ow * c.o;
+  if (pass == Pass::kForward || pass == Pass::kBackwardData) {
+    memory weights(plan.weights_user_md, engine, b);
+    std::unique_ptr<uint8_t[]> blocked;
+    if (plan.reorder_weights) {  // once, shared by the chunks
+      blocked.reset(new uint8_t[plan.weights_md.get_size() + 1]);
+      memory internal(plan.weights_md, engine, blocked.get());
+      dnnl::stream stream(engine);
+      plan.to_internal.execute(stream, weights, internal);
+      stream.wait();
+      weights = internal;
+    }
+    const int64_t in_chunk = pass == Pass::kForward ? src_chunk : dst_chunk;
+    const int64_t out_chunk = pass == Pass::kForward ? dst_chunk : src_chunk;
+    ParallelChunks(pool, k, [&](int64_t i) {
+      omp_set_num_threads(threads);
+      Execute(plan, c, pass, a + i * in_chunk, nullptr, weights, out + i * out_chunk);
+    });
+    return;
+  }
+  // Backward weights: each chunk's gradient in its own buffer (chunk 0's is the result when no reorder is needed),
+  // summed, then reordered to HWIO.
+  const size_t bytes = plan.weights_md.get_size();
+  std::vector<std::unique_ptr<uint8_t[]>> buffers(k);
+  std::vector<float*> grads(k);
+  for (int64_t i = 0; i < k; ++i) {
+    if (i == 0 && !plan.reorder_weights) {
+      grads[i] = out;
+    } else {
+      buffers[i].reset(new uint8_t[bytes + 1]);
+      grads[i] = reinterpret_cast<float*>(buffers[i].get());
+    }
+  }
+  ParallelChunks(pool, k, [&](int64_t i) {
+    omp_set_num_threads(threads);
+    Execute(plan, c, pass, a + i * src_chunk, b + i * dst_chunk, memory(plan.weights_md, engine, grads[i]), nullptr);
+  });
+  const size_t count = bytes / sizeof(float);
+  for (int64_t i = 1; i < k; ++i)
+    for (size_t j = 0; j < count; ++j) grads[0][j] += grads[i][j];
+  if (plan.reorder_weights) {
+    dnnl::stream stream(engine);
+    memory blocked(plan.weights_md, engine, grads[0]), user(plan.weights_user_md, engine, out);
+    plan.to_user.execute(stream, blocked, user);
+    stream.wait();
+  }
 }
 
 struct Attrs {
@@ -191,30 +310,30 @@ ffi::Error Guard(F&& f) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   if (auto e = Describe(x.dimensions(), w.dimensions(), y->dimensions(), {sh, sw, pt, pb, pl, pr}, &g); e.failure())
     return e;
-  return Guard([&] { Run(g, Pass::kForward, x.typed_data(), w.typed_data(), y->typed_data()); });
+  return Guard([&] { Run(g, Pass::kForward, x.typed_data(), w.typed_data(), y->typed_data(), pool); });
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   if (auto e = Describe(dx->dimensions(), w.dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr}, &g);
       e.failure())
     return e;
-  return Guard([&] { Run(g, Pass::kBackwardData, dy.typed_data(), w.typed_data(), dx->typed_data()); });
+  return Guard([&] { Run(g, Pass::kBackwardData, dy.typed_data(), w.typed_data(), dx->typed_data(), pool); });
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   if (auto e = Describe(x.dimensions(), dw->dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr}, &g);
       e.failure())
     return e;
-  return Guard([&] { Run(g, Pass::kBackwardWeights, x.typed_data(), dy.typed_data(), dw->typed_data()); });
+  return Guard([&] { Run(g, Pass::kBackwardWeights, x.typed_data(), dy.typed_data(), dw->typed_data(), pool); });
 }
 
 }  // namespace
@@ -222,6 +341,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
 // The three handlers' common signature: two float32 buffers in, one out, then the six attributes.
 #define VCECT_CONV_BINDING                                                                               \
   ffi::Ffi::Bind()                                                                                       \
+      .Ctx<ffi::ThreadPool>()                                                                            \
       .Arg<ffi::Buffer<ffi::F32>>()                                                                      \
       .Arg<ffi::Buffer<ffi::F32>>()                                                                      \
       .Ret<ffi::Buffer<ffi::F32>>()                                                                      \
