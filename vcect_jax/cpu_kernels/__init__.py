@@ -4,7 +4,10 @@ XLA's CPU convolutions are level with oneDNN's in the forward pass of wide layer
 kernel gradients (3x3, 32 -> 32 channels at 256 px, batch 2: 35 ms against 8 ms) and in the forward pass of the
 large, narrow layers, which dominate the U-Net at full resolution (benchmarks/RESULTS.md, "Performance"). This
 package wraps oneDNN's convolution forward, backward-data and backward-weights primitives as three XLA FFI
-handlers (`onednn_conv.cc`), for float32 2-D NHWC / HWIO convolutions without dilation or groups.
+handlers (`onednn_conv.cc`), for float32 2-D NHWC / HWIO convolutions without dilation or groups. A call splits
+its batch over the threads of XLA's own intra-op pool (single-threaded oneDNN on each chunk), so convolutions
+share the cores with the rest of the computation; `VCECT_ONEDNN_THREADS=omp` runs each call on oneDNN's OpenMP
+threads instead, one call at a time (slower in the training step: benchmarks/RESULTS.md, "Performance", 8).
 
 It is optional. The handlers are compiled once, against the installed jaxlib's FFI headers and the system's
 oneDNN 2.x (Debian / Ubuntu: `apt install libdnnl-dev`), with
