@@ -79,13 +79,17 @@ def oracle_hu(case: evaluate.Case) -> np.ndarray:
   return out
 
 
-def organ_mae(virtual: np.ndarray, case: evaluate.Case) -> dict[str, float]:
-  """organ -> MAE (HU) of `virtual` against the real contrast volume inside the organ's non-contrast label."""
-  real = case.post_hu.astype(np.float32)
+def organ_errors(virtual: np.ndarray, real: np.ndarray, pre: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+  """organ -> inside the organ's non-contrast label: `mae` (HU) of `virtual` against the real contrast volume, and
+  for the pooled ratio the sums of virtual - non-contrast and real - non-contrast and the voxel count (0 where the
+  organ is absent)."""
   out = {}
   for name in ENHANCING_ORGANS:
-    inside = case.labels == metrics.ORGAN_LABELS[name]
-    out[name] = float(np.abs(virtual[inside] - real[inside]).mean()) if inside.any() else math.nan
+    inside = labels == metrics.ORGAN_LABELS[name]
+    v, r, p = virtual[inside], real[inside], pre[inside]
+    out[name] = {"mae": float(np.abs(v - r).mean()) if inside.any() else math.nan,
+                 "virtual_sum": float((v - p).sum(dtype=np.float64)),
+                 "real_sum": float((r - p).sum(dtype=np.float64)), "voxels": float(inside.sum())}
   return out
 
 
@@ -104,14 +108,10 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8) -> d
     for method, virtual in virtuals.items():
       row = {f"hu/{k}": float(v) for k, v in metrics.hu_metrics(virtual, real, case.body_mask).items()}
       organs = metrics.organ_enhancement(virtual, real, pre, case.labels, min_enhancement_hu=MIN_ENHANCEMENT_HU)
-      for name, mae in organ_mae(virtual, case).items():
-        row[f"{name}/mae"] = mae
+      for name, errors in organ_errors(virtual, real, pre, case.labels).items():
+        row.update({f"{name}/{k}": v for k, v in errors.items()})   # mae, and the sums for the pooled ratio
         row[f"{name}/ratio"] = organs[name]["enhancement_ratio"]
         row[f"{name}/enhancement"] = organs[name]["real_mean"] - organs[name]["pre_mean"]
-        inside = case.labels == metrics.ORGAN_LABELS[name]   # sums for the pooled ratio (0 where absent)
-        row[f"{name}/virtual_sum"] = float((virtual[inside] - pre[inside]).sum(dtype=np.float64))
-        row[f"{name}/real_sum"] = float((real[inside] - pre[inside]).sum(dtype=np.float64))
-        row[f"{name}/voxels"] = float(inside.sum())
       per_method.setdefault(method, []).append(row)
   out = {m: {k: v["mean"] for k, v in evaluate.summarize(rows).items()} for m, rows in per_method.items()}
   for scores in out.values():
@@ -240,8 +240,7 @@ def run(config, workdir: str, split: str = "test", train: bool = True, test_data
     raise AssertionError(f"eval mode's model MAE {reported} differs from the benchmark's "
                          f"{scores[evaluate.MODEL]['hu/mae']}: the two read different records")
   return {"scores": scores, "table": table(scores, config.phase), "goals": goals(scores, config.phase),
-          "eval": result,
-          "train_seconds": seconds, "data_dir": data_dir, "test_data_dir": scored_dir}
+          "eval": result, "train_seconds": seconds, "data_dir": data_dir, "test_data_dir": scored_dir}
 
 
 def _literal(text: str):
