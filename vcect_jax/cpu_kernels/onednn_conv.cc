@@ -310,16 +310,18 @@ ffi::Error Guard(F&& f) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                   int64_t pr) {
   Geometry g;
   if (auto e = Describe(x.dimensions(), w.dimensions(), y->dimensions(), {sh, sw, pt, pb, pl, pr}, &g); e.failure())
     return e;
   return Guard([&] { Run(g, Pass::kForward, x.typed_data(), w.typed_data(), y->typed_data(), pool); });
 }
 
-ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                        int64_t pl, int64_t pr) {
   Geometry g;
   if (auto e = Describe(dx->dimensions(), w.dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr}, &g);
       e.failure())
@@ -327,8 +329,9 @@ ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
   return Guard([&] { Run(g, Pass::kBackwardData, dy.typed_data(), w.typed_data(), dx->typed_data(), pool); });
 }
 
-ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                           int64_t pl, int64_t pr) {
   Geometry g;
   if (auto e = Describe(x.dimensions(), dw->dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr}, &g);
       e.failure())
