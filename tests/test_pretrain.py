@@ -187,6 +187,21 @@ def test_incompatible_checkpoint_gives_a_clear_error(trained):
     pretrain.init_generator_from_pretext(generator, result["checkpoint"])
 
 
+def test_checkpoint_of_another_window_is_refused(trained):
+  """A pretext encoder pretrained with W400/L30 must not serve a model trained with another window."""
+  config, result = trained
+  other = config.copy_and_resolve_references()
+  other.data.window.update(level=330.0, width=1000.0)
+  with pytest.raises(ValueError, match="W400/L30 but the model uses W1000/L330"):
+    pretrain.load_pretext_encoder(result["checkpoint"], other)
+  generator = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="window"):
+    pretrain.init_generator_from_pretext(generator, result["checkpoint"], other.data.window)
+  pretrain.init_generator_from_pretext(generator, result["checkpoint"], config.data.window)  # the same: accepted
+  _, description = pretrain.read_description(result["checkpoint"])
+  assert description["window"] == {"level": 30.0, "width": 400.0}
+
+
 def test_config_variants():
   assert pretrain_configs.get_config().mode == "pretrain"
   assert pretrain_configs.get_config("clip").pretrain.clip

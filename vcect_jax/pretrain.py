@@ -78,9 +78,32 @@ def read_description(path: str) -> tuple[int, dict]:
   return step, description
 
 
-def _restore_encoder_state(path: str, encoder: models.Encoder):
-  """Restores the checkpoint's encoder state with the structure of `encoder` (checked first)."""
+def check_window(path: str, description: dict, window) -> None:
+  """Raises ValueError when the pretext checkpoint at `path` (its `description`) was pretrained with another CT
+  window than `window` (a config section with `level` and `width`, e.g. `config.data.window`; None: no check).
+
+  The encoder knows intensities only as the window maps them to [-1, 1]: fed another window's images it would
+  compute features of differently scaled inputs (a perceptual loss and an initialisation silently off), so the
+  two must match. A description without a window (none is written without one) is not checked.
+  """
+  have = description.get("window")
+  if window is None or have is None:
+    return
+  have = (float(have["level"]), float(have["width"]))
+  want = (float(window.level), float(window.width))
+  if have != want:
+    raise ValueError(
+        f"pretext checkpoint {path!r} was pretrained with the window W{have[1]:g}/L{have[0]:g} but the model uses "
+        f"W{want[1]:g}/L{want[0]:g} (config.data.window): its encoder would see differently scaled intensities; "
+        "pretrain again with the model's window (a new --workdir, or an empty perceptual.pretext_checkpoint in a "
+        "new one), or set config.data.window to the checkpoint's")
+
+
+def _restore_encoder_state(path: str, encoder: models.Encoder, window=None):
+  """Restores the checkpoint's encoder state with the structure of `encoder` (checked first, and the window
+  against `window` when given: `check_window`)."""
   step, description = read_description(path)
+  check_window(path, description, window)
   want = dict(in_channels=encoder.in_channels, widths=list(encoder.widths))
   have = dict(in_channels=description["in_channels"], widths=list(description["widths"]))
   if want != have:
@@ -100,12 +123,12 @@ def load_pretext_encoder(path: str, config) -> models.Encoder:
 
   Raises:
     FileNotFoundError: no checkpoint at `path`.
-    ValueError: the checkpoint's encoder (widths, input channels) differs from the config's.
+    ValueError: the checkpoint's encoder (widths, input channels) or window differs from the config's.
   """
   gen = config.model.generator
   encoder = models.Encoder(gen.in_channels, gen.widths, momentum=float(gen.get("bn_momentum", 0.9)),
                            rngs=nnx.Rngs(0))
-  state, description = _restore_encoder_state(path, encoder)
+  state, description = _restore_encoder_state(path, encoder, config.data.window)
   nnx.update(encoder, state)
   encoder.eval()
   logging.info("Loaded pretext encoder from %s (step %d, validation accuracy per class %s)", path,
@@ -113,12 +136,13 @@ def load_pretext_encoder(path: str, config) -> models.Encoder:
   return encoder
 
 
-def init_generator_from_pretext(generator: models.Generator, path: str) -> models.Generator:
+def init_generator_from_pretext(generator: models.Generator, path: str, window=None) -> models.Generator:
   """Copies the pretext encoder's parameters and BatchNorm statistics into `generator.encoder`, in place.
 
-  The decoder and head are left as they are. Returns the generator.
+  The decoder and head are left as they are. `window` (e.g. `config.data.window`), when given, must be the one
+  the checkpoint was pretrained with (`check_window`). Returns the generator.
   """
-  state, _ = _restore_encoder_state(path, generator.encoder)
+  state, _ = _restore_encoder_state(path, generator.encoder, window)
   nnx.update(generator.encoder, state)
   return generator
 

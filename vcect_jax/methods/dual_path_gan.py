@@ -166,9 +166,9 @@ class DualPathGAN(contrast.ContrastMethod):
     opt_d = nnx.Optimizer(disc, make_optimizer(d_lr, config.train), wrt=nnx.Param)
     path = config.perceptual.pretext_checkpoint
     if config.perceptual.init_generator:
-      pretrain.init_generator_from_pretext(gens.global_net, path)
+      pretrain.init_generator_from_pretext(gens.global_net, path, config.data.window)
       if gens.local_net is not gens.global_net:
-        pretrain.init_generator_from_pretext(gens.local_net, path)
+        pretrain.init_generator_from_pretext(gens.local_net, path, config.data.window)
     encoder = pretrain.load_pretext_encoder(path, config) if config.loss.use_perceptual else None
     gens.train()
     disc.train()
