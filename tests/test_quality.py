@@ -5,8 +5,10 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from benchmarks import quality
+from configs import arterial as configs_arterial
 from vcect_jax import evaluate
 from vcect_jax import hu
 from vcect_jax import input_pipeline
@@ -59,6 +61,24 @@ def test_tiny_quality_run_oracle_beats_identity(smoke, tmp_path):
   for key in ("hu/mae", "hu/psnr", "aorta/mae"):
     assert math.isclose(held["scores"][evaluate.IDENTITY][key], direct[evaluate.IDENTITY][key]), key
   assert held["scores"][evaluate.IDENTITY]["hu/mae"] != scores[evaluate.IDENTITY]["hu/mae"]
+
+
+def test_heldout_set_of_more_slices(tmp_path):
+  """`--test_slices`: the held-out phantom's series have that many slices (its settings record it) and its test
+  split holds more pairs than the config's height gives; without --test_seed the option is refused."""
+  smoke = configs_arterial.get_config("smoke")
+  slices = 2 * smoke.data.phantom.slices
+  heldout = quality.heldout_dataset(smoke, seed=smoke.data.phantom.seed + 1, out_dir=str(tmp_path / "tall"),
+                                    cases=2, slices=slices)
+  with open(tmp_path / "tall" / "settings.json") as f:
+    assert json.load(f)["phantom"]["slices"] == slices
+  series = tmp_path / "tall" / "dicom" / "case_0000" / smoke.phase
+  assert len([f for f in os.listdir(series) if not f.startswith(".")]) == slices
+  with open(os.path.join(heldout, "manifest.json")) as f:
+    examples = json.load(f)["phases"][smoke.phase]["splits"]["test"]["examples"]
+  assert examples > 2 * smoke.data.phantom.slices
+  with pytest.raises(SystemExit):
+    quality.main(["--seed=1", f"--workdir={tmp_path / 'w'}", "--variant=smoke", "--test_slices=12"])
 
 
 def test_phase_organs_follow_the_phantoms_enhancement_table():
