@@ -107,6 +107,23 @@ def test_library_name_follows_source_and_jaxlib(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm + act
+@needs_onednn
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 64, 64, 5), (9000, 17)])
+def test_channel_moments_match_float64_sums(shape):
+  # (2, 64, 64, 5) and (9000, 17): rows split over the pool's threads (chunks of >= 4096 rows), an odd channel count.
+  rng = np.random.default_rng(len(shape))
+  a = rng.standard_normal(shape).astype(np.float32)
+  b = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+  shift = rng.standard_normal(shape[-1]).astype(np.float32)
+  sum_a, sum_ab = jax.jit(cpu_kernels.channel_moments)(a, b, shift)
+  axes = tuple(range(len(shape) - 1))
+  a64, b64 = a.astype(np.float64), b.astype(np.float64)
+  np.testing.assert_allclose(sum_a, a64.sum(axes), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(sum_ab, (a64 * (b64 - shift)).sum(axes), rtol=1e-5, atol=1e-3)
+  same, same_sq = jax.jit(cpu_kernels.channel_moments)(b, b, np.zeros(shape[-1], np.float32))  # the forward use
+  np.testing.assert_allclose(same_sq, (b64 * b64).sum(axes), rtol=1e-5)
+
+
 @pytest.mark.parametrize("slope", [0.0, 0.2])
 def test_batch_norm_act_matches_flax_values_gradients_and_running_stats(slope):
   rng = np.random.default_rng(3)
@@ -147,6 +164,8 @@ def test_batch_norm_act_matches_flax_values_gradients_and_running_stats(slope):
   # The fast path is the one that ran (its custom VJP), not Flax's.
   jaxpr = str(jax.make_jaxpr(lambda x: fast_path(make(), x))(x))
   assert "custom_vjp_call" in jaxpr
+  if cpu_kernels.available():  # with its statistics from the channel-moments kernel
+    assert "vcect_channel_moments" in jaxpr
 
 
 def test_batch_norm_act_eval_mode_is_flax():

@@ -8,6 +8,8 @@ handlers (`onednn_conv.cc`), for float32 2-D NHWC / HWIO convolutions without di
 its batch over the threads of XLA's own intra-op pool (single-threaded oneDNN on each chunk), so convolutions
 share the cores with the rest of the computation; `VCECT_ONEDNN_THREADS=omp` runs each call on oneDNN's OpenMP
 threads instead, one call at a time (slower in the training step: benchmarks/RESULTS.md, "Performance", 8).
+The same library holds BatchNorm's per-channel sums (`channel_moments`: one vectorised pass where XLA CPU runs a
+scalar reduce-window; "Performance", 9).
 
 It is optional. The handlers are compiled once, against the installed jaxlib's FFI headers and the system's
 oneDNN 2.x (Debian / Ubuntu: `apt install libdnnl-dev`), with
@@ -31,6 +33,7 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
@@ -41,6 +44,7 @@ TARGETS = {
     "vcect_conv_forward": "VcectConvForward",
     "vcect_conv_backward_data": "VcectConvBackwardData",
     "vcect_conv_backward_weights": "VcectConvBackwardWeights",
+    "vcect_channel_moments": "VcectChannelMoments",
 }
 
 
@@ -111,3 +115,12 @@ def conv_backward_weights(x: jax.Array, dy: jax.Array, w_shape, strides, pads) -
   out = jax.ShapeDtypeStruct(tuple(w_shape), x.dtype)
   return jax.ffi.ffi_call("vcect_conv_backward_weights", out, vmap_method="sequential")(x, dy,
                                                                                         **_attrs(strides, pads))
+
+
+def channel_moments(a: jax.Array, b: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(sum(a), sum(a * (b - shift)))` over all but the last axis of float32 `a` and `b` (same shape `(..., C)`),
+  `shift` `(C,)`: BatchNorm's statistics (forward: `a = b = x`, shift 0) and its backward sums (`b = x`, shift the
+  batch mean) in one vectorised pass split over XLA's threads, where XLA CPU runs a scalar reduce-window."""
+  c = a.shape[-1]
+  out = (jax.ShapeDtypeStruct((c,), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32))
+  return tuple(jax.ffi.ffi_call("vcect_channel_moments", out, vmap_method="sequential")(a, b, shift))
