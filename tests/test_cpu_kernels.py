@@ -27,6 +27,7 @@ CASES = [
     (1, 12, 16, 4, 1, 1, "VALID"),        # a 1x1 head
     (2, 17, 5, 6, 4, 2, ((1, 1), (2, 0))),  # odd size, explicit uneven padding
     (4, 8, 16, 8, 3, 1, "SAME"),          # batch 4: two chunks of two images on a 2-thread pool
+    (2, 16, 4, 8, 4, 1, "SAME"),          # the discriminator's first layer: 4x4 / stride 1, padding (1, 2)
 ]
 
 

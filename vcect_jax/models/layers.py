@@ -159,8 +159,21 @@ def _onednn_conv_fwd(x, kernel, strides, pads):
 
 def _onednn_conv_bwd(strides, pads, residuals, g):
   x, kernel = residuals
-  return (cpu_kernels.conv_backward_data(g, kernel, x.shape, strides, pads),
+  return (_onednn_input_grad(g, kernel, x.shape, strides, pads),
           cpu_kernels.conv_backward_weights(x, g, kernel.shape, strides, pads))
+
+
+def _onednn_input_grad(g, kernel, x_shape, strides, pads):
+  """The input gradient. Of a stride-1 convolution it is the forward convolution of `g` with the kernel flipped in
+  space and its channel axes swapped, padded by `k - 1 - pad`: oneDNN runs that as its forward kernel (`brgconv`),
+  faster than its backward-data one at most of the networks' shapes (the 3x3 layers of the U-Net: 1.0-1.4x, 14% over
+  the step's stride-1 shapes; never slower beyond 3%: benchmarks/RESULTS.md, "Performance", 9)."""
+  kh, kw = kernel.shape[:2]
+  flipped_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  if tuple(strides) == (1, 1) and all(lo >= 0 and hi >= 0 for lo, hi in flipped_pads):
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return cpu_kernels.conv_forward(g, flipped, (1, 1), flipped_pads)
+  return cpu_kernels.conv_backward_data(g, kernel, x_shape, strides, pads)
 
 
 _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
