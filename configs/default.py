@@ -137,6 +137,11 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: the adversarial weight ramps linearly from 0 to adversarial_weight over this many generator steps
   # (the pixel and perceptual terms shape the output first). 0: the paper, full weight from the first step.
   loss.adversarial_warmup_steps = 0
+  # > 0: each pixel's pixel term is weighted 1 + this * (real - non-contrast - threshold) / 100 HU where the real
+  # slice enhances beyond the threshold (the few pixels of excreted contrast or an aorta weigh more than the many
+  # that never enhance). 0: the paper's unweighted term.
+  loss.pixel_enhancement_weight = 0.0
+  loss.pixel_enhancement_threshold_hu = 50.0  # enhancement (HU) below which a pixel keeps weight 1
 
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()

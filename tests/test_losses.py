@@ -58,3 +58,30 @@ def test_adversarial_warmup_ramps_then_holds():
   assert no_warmup.at_step(0) is no_warmup
   with pytest.raises(ValueError, match="adversarial_warmup_steps"):
     losses.GeneratorWeights.from_config(_loss_config(adversarial_warmup_steps=-1))
+
+
+def test_enhancement_weighting_weighs_enhancing_pixels_by_their_enhancement():
+  # Window W400: 100 HU = 0.5 model units; threshold 50 HU = 0.25 units.
+  w = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0), window_width=400.0)
+  pre = jnp.zeros(4)
+  real = jnp.array([0.0, 0.25, 0.75, 1.0])        # enhancement 0, 50, 150, 200 HU
+  virtual = real + 0.1                           # the same error everywhere
+  # weights 1, 1, 1 + 2 * 100/100 = 3, 1 + 2 * 150/100 = 4
+  assert float(w.pixel_loss(virtual, real, pre)) == pytest.approx(0.1 * (1 + 1 + 3 + 4) / 4)
+  # Without the non-contrast slice, or with the weight 0 (the default: the paper's term), it is unweighted.
+  assert float(w.pixel_loss(virtual, real)) == pytest.approx(0.1)
+  plain = losses.GeneratorWeights.from_config(_loss_config(pixel="l1"))
+  assert float(plain.pixel_loss(virtual, real, pre)) == pytest.approx(0.1)
+  # A wider window: the same HU are fewer model units, the weights follow the HU.
+  wide = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0), window_width=800.0)
+  assert float(wide.pixel_loss(virtual / 2, real / 2, pre)) == pytest.approx(0.05 * (1 + 1 + 3 + 4) / 4)
+  # The weights are constants: the gradient is the weighted L1's.
+  grad = jax.grad(lambda v: w.pixel_loss(v, real, pre))(virtual)
+  np.testing.assert_allclose(grad, np.array([1, 1, 3, 4]) / 4, rtol=1e-6)
+  # The other kinds weigh their own per-pixel terms: MSE, and L1 + MSE.
+  mse = losses.GeneratorWeights.from_config(_loss_config(pixel_enhancement_weight=2.0))
+  assert float(mse.pixel_loss(virtual, real, pre)) == pytest.approx(0.01 * (1 + 1 + 3 + 4) / 4)
+  mixed = losses.GeneratorWeights.from_config(_loss_config(pixel="l1+mse", pixel_enhancement_weight=2.0))
+  assert float(mixed.pixel_loss(virtual, real, pre)) == pytest.approx(0.11 * (1 + 1 + 3 + 4) / 4)
+  with pytest.raises(ValueError, match="pixel_enhancement_weight"):
+    losses.GeneratorWeights.from_config(_loss_config(pixel_enhancement_weight=-1.0))

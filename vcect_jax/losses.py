@@ -32,9 +32,17 @@ class GeneratorWeights:
   pixel_kind: str = "mse"
   pixel_mse_weight: float = 1.0   # the MSE's weight inside the 'l1+mse' pixel term (unused by the others)
   adversarial_warmup_steps: int = 0
+  # Enhancement-weighted pixel term (off at 0): each pixel's term is scaled by 1 + enhancement_weight * (the
+  # real slice's enhancement over the non-contrast one, beyond `enhancement_threshold`, per `enhancement_unit`),
+  # both in model units (from HU with the window width: `from_config`).
+  enhancement_weight: float = 0.0
+  enhancement_threshold: float = 0.25
+  enhancement_unit: float = 0.5
 
   @classmethod
-  def from_config(cls, loss_config) -> "GeneratorWeights":
+  def from_config(cls, loss_config, window_width: float = 400.0) -> "GeneratorWeights":
+    """From config section `loss`; `window_width` (HU, `config.data.window.width`) converts the enhancement
+    weighting's HU settings to model units (the window's width spans 2 model units)."""
     kind = str(loss_config.get("pixel", "mse"))
     if kind not in PIXEL_LOSSES:
       raise ValueError(f"loss.pixel must be one of {tuple(PIXEL_LOSSES)}, got {kind!r}")
@@ -44,11 +52,23 @@ class GeneratorWeights:
     mse_weight = float(loss_config.get("pixel_mse_weight", 1.0))
     if mse_weight < 0:
       raise ValueError(f"loss.pixel_mse_weight must be >= 0, got {mse_weight}")
+    enhancement = float(loss_config.get("pixel_enhancement_weight", 0.0))
+    if enhancement < 0:
+      raise ValueError(f"loss.pixel_enhancement_weight must be >= 0, got {enhancement}")
+    units_per_hu = 2.0 / float(window_width)
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
-               pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup)
+               pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup, enhancement_weight=enhancement,
+               enhancement_threshold=float(loss_config.get("pixel_enhancement_threshold_hu", 50.0)) * units_per_hu,
+               enhancement_unit=100.0 * units_per_hu)
 
-  def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+  def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
+    """The pixel term; `pre` (the non-contrast slice, model space, shaped as `real`) is needed only by the
+    enhancement weighting, which is skipped without it."""
+    if self.enhancement_weight > 0 and pre is not None:
+      w = 1.0 + self.enhancement_weight * jax.nn.relu(real - pre - self.enhancement_threshold) / self.enhancement_unit
+      return jnp.mean(jax.lax.stop_gradient(w) * pixel_elementwise(virtual, real, self.pixel_kind,
+                                                                   self.pixel_mse_weight))
     if self.pixel_kind == "l1+mse":
       return pixel_l1_mse(virtual, real, self.pixel_mse_weight)
     return PIXEL_LOSSES[self.pixel_kind](virtual, real)
@@ -90,6 +110,16 @@ def pixel_l1_mse(virtual: jnp.ndarray, real: jnp.ndarray, mse_weight: float = 1.
 
 
 PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1, "l1+mse": pixel_l1_mse}
+
+
+def pixel_elementwise(virtual: jnp.ndarray, real: jnp.ndarray, kind: str, mse_weight: float = 1.0) -> jnp.ndarray:
+  """The pixel term of `kind` per pixel, before the mean (`PIXEL_LOSSES[kind]` is its mean)."""
+  d = virtual - real
+  if kind == "mse":
+    return jnp.square(d)
+  if kind == "l1":
+    return jnp.abs(d)
+  return jnp.abs(d) + mse_weight * jnp.square(d)
 
 
 def classification(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

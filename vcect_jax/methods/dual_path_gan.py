@@ -110,7 +110,7 @@ class DualPathGAN(contrast.ContrastMethod):
   def __init__(self, config):
     super().__init__(config)
     self.paths = path_weights(config)
-    self.weights = losses.GeneratorWeights.from_config(config.loss)
+    self.weights = losses.GeneratorWeights.from_config(config.loss, float(config.data.window.width))
     self._schedules = None
 
   # ---- configuration
@@ -216,10 +216,12 @@ class DualPathGAN(contrast.ContrastMethod):
     g_weights = self.weights.at_step(state.opt_g.step.value)  # the adversarial warm-up, if any
 
     # 3. Generator loss on the virtual images, against the updated discriminator, pulled back to the params.
+    mid = pre.shape[-1] // 2
+    pre_center = pre[..., mid:mid + post.shape[-1]]  # the non-contrast slice paired with `post`
     def g_loss_fn(virtual):
       terms, totals = {}, {}
       for path, v in virtual.items():
-        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post)
+        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post, pre_center)
         adv = perc = None
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
