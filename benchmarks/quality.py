@@ -2,7 +2,7 @@
 
   python -m benchmarks.quality --phase=arterial --seed=11 --workdir=/tmp/quality_arterial_11
       [--variant=demo] [--split=test] [--set train.steps=400 ...] [--data_dir=CONVERTED] [--reuse]
-      [--test_seed=41 [--test_cases=12] [--test_slices=48]] [--test_data_dir=HELD_OUT]
+      [--test_seed=41 [--test_cases=12] [--test_slices=48] [--test_motion_scale=0]] [--test_data_dir=HELD_OUT]
 
 Training is `vcect_jax.runtime.dispatch` (mode 'train') on `configs/<phase>.py:<variant>` with
 `data.phantom.seed = --seed` (the phantom generated and converted under `<workdir>/data`, unless `--data_dir`
@@ -13,13 +13,18 @@ A held-out test set (`--test_seed`, `--test_data_dir`): the phantom's own test s
 settings apart. `--test_seed=S` generates the config's phantom geometry (`data.phantom`, `--test_cases` cases) with
 phantom seed S and converts it once into `--test_data_dir` (default `<workdir>/heldout_<S>`) with every case in
 the test split (`split_fractions=(0, 0, 1)`, rank split) and the paper's alignment, whatever the training data's
-alignment; the model is then evaluated and scored on that set instead (report in `<workdir>/report_heldout_test`).
+alignment; the model is then evaluated and scored on that set instead (report in `<workdir>/report_<held-out
+folder's name>_test`, e.g. `report_heldout_41_test`).
 `--test_slices=N` gives the held-out phantom N slices instead of the config's: the phantom stretches its anatomy,
 liver dome to pelvis, over the scanned length (`data_prep/phantom/anatomy.py`), so a taller volume samples every
 organ on more slices at the same slice thickness, and the few top liver slices that breathing moves onto lung in
 the contrast scan (7-10 mm at the dome) weigh less in the liver's score (benchmarks/RESULTS.md, issue 12, round 6).
 The model sees the same in-plane anatomy, stretched along z (its 3-slice input stacks change less from slice to
 slice than in training).
+`--test_motion_scale=0` makes the held-out phantom without motion between its scans (`python -m data_prep.phantom
+--motion_scale`): the contrast series lie on the non-contrast grid and anatomy, so a pair differs only by
+enhancement and noise. On such pairs identity's organ error is the organ's enhancement, and the scores measure what
+the model learned rather than the pairs' misalignment, which on the moving phantom caps even the oracle (issue 12).
 `--test_data_dir` alone names such a conversion made before (by this script, or by `python -m data_prep.phantom`
 and `python -m data_prep.convert --split_method=rank --split_fractions=0,0,1`), to score every run of a comparison
 on the same records. The table compares three predictions of the contrast slice, on the same records:
@@ -171,11 +176,13 @@ def table(scores: dict[str, dict[str, float]], phase: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int = 0) -> str:
+def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int = 0,
+                    motion_scale: float = 1.0) -> str:
   """A held-out test set: `config.data.phantom`'s geometry with phantom seed `seed` (`cases` cases and `slices`
   slices, 0: the config's), converted at `config.data.image_size` with the paper's alignment and every case in the
-  test split. Made once: an `out_dir` whose `settings.json` matches is reused. Returns the conversion
-  (`<out_dir>/converted`).
+  test split. `motion_scale` scales the phantom's motion between the scans (0: aligned pairs, which differ only by
+  enhancement and noise, so that the scores measure the model and not the pairs). Made once: an `out_dir` whose
+  `settings.json` matches is reused. Returns the conversion (`<out_dir>/converted`).
   """
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
@@ -188,6 +195,8 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
   geometry = dict(cases=int(cases or p.cases), seed=int(seed), size=int(p.size), slices=int(slices or p.slices),
                   slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing))
   settings = {"phantom": geometry, "image_size": int(config.data.image_size), "split_fractions": [0.0, 0.0, 1.0]}
+  if motion_scale != 1.0:
+    settings["motion_scale"] = float(motion_scale)
   converted, stamp = os.path.join(out_dir, "converted"), os.path.join(out_dir, "settings.json")
   if os.path.exists(stamp) and os.path.exists(os.path.join(converted, "manifest.json")):
     with open(stamp) as f:
@@ -196,7 +205,7 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
   shutil.rmtree(out_dir, ignore_errors=True)
   os.makedirs(out_dir)
   dicom_dir = os.path.join(out_dir, "dicom")
-  phantom.generate(dicom_dir, **geometry)
+  phantom.generate(dicom_dir, **geometry, motion_scale=float(motion_scale))
   key_file = prepare.write_phantom_key(os.path.join(out_dir, "phantom.hmac_key"), seed)
   convert.run(convert.Settings(input=dicom_dir, output=converted, phases=phases.CONTRAST_PHASES,
                                image_size=int(config.data.image_size), key_file=key_file,
@@ -204,6 +213,14 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
   with open(stamp, "w") as f:
     json.dump(settings, f)
   return converted
+
+
+def _heldout_name(test_data_dir: str) -> str:
+  """The held-out set's folder name (`heldout_41` for `.../heldout_41/converted`), which names its report."""
+  path = os.path.normpath(test_data_dir)
+  if os.path.basename(path) == "converted":
+    path = os.path.dirname(path)
+  return os.path.basename(path) or "heldout"
 
 
 def run(config, workdir: str, split: str = "test", train: bool = True, test_data_dir: str = "") -> dict:
@@ -229,8 +246,8 @@ def run(config, workdir: str, split: str = "test", train: bool = True, test_data
   eval_config.mode = "eval"
   eval_config.eval.checkpoint = workdir
   eval_config.eval.split = split
-  eval_config.eval.report_dir = os.path.join(workdir, f"report_heldout_{split}" if test_data_dir else
-                                             f"report_{split}")
+  eval_config.eval.report_dir = os.path.join(workdir, f"report_{_heldout_name(test_data_dir)}_{split}"
+                                             if test_data_dir else f"report_{split}")
   if test_data_dir:
     eval_config.data.dir = test_data_dir
   result = runtime.dispatch(eval_config, workdir)
@@ -289,6 +306,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--test_slices", type=int, default=0,
                       help="slices of the --test_seed phantom (0: the config's): a taller volume, the same anatomy "
                            "stretched over it")
+  parser.add_argument("--test_motion_scale", type=float, default=1.0,
+                      help="the --test_seed phantom's motion between the scans, scaled: 1 the phantom's, 0 aligned "
+                           "pairs (the scores then measure the model, not the pairs' misalignment)")
   parser.add_argument("--test_data_dir", default="",
                       help="the held-out set's folder with --test_seed (default <workdir>/heldout_<seed>); alone: a "
                            "held-out conversion made before (or such a folder: its converted/), scored instead of "
@@ -296,8 +316,11 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.test_seed is not None and args.test_seed == args.seed:
     parser.error("--test_seed must differ from --seed (the training phantom's)")
-  if (args.test_cases or args.test_slices) and args.test_seed is None:
-    parser.error("--test_cases and --test_slices shape the --test_seed phantom: give --test_seed too")
+  if (args.test_cases or args.test_slices or args.test_motion_scale != 1.0) and args.test_seed is None:
+    parser.error("--test_cases, --test_slices and --test_motion_scale shape the --test_seed phantom: give "
+                 "--test_seed too")
+  if not 0.0 <= args.test_motion_scale <= 1.0:
+    parser.error(f"--test_motion_scale must be from 0 to 1, got {args.test_motion_scale}")
   config = build_config(args.phase, args.variant, args.seed, args.set, args.data_dir)
   test_data_dir = args.test_data_dir
   if test_data_dir and args.test_seed is None and os.path.exists(os.path.join(test_data_dir, "converted",
@@ -306,7 +329,7 @@ def main(argv=None) -> dict:
   if args.test_seed is not None:
     test_data_dir = heldout_dataset(config, args.test_seed,
                                     args.test_data_dir or os.path.join(args.workdir, f"heldout_{args.test_seed}"),
-                                    args.test_cases, args.test_slices)
+                                    args.test_cases, args.test_slices, args.test_motion_scale)
   out = run(config, args.workdir, args.split, train=not args.reuse, test_data_dir=test_data_dir)
   scored = f"held-out set {test_data_dir}" if test_data_dir else f"phantom seed {args.seed}"
   print(f"{args.phase}, trained on phantom seed {args.seed}, :{args.variant} {' '.join(args.set)}, {args.split} "

@@ -294,3 +294,39 @@ def test_a_folder_with_another_phantom_is_refused_unless_overwrite(tmp_path, cap
   with pytest.raises(FileExistsError, match='not a phantom'):
     phantom.generate(tmp_path / 'q', cases=1, seed=0, size=32, slices=4, pixel_spacing=12.0, overwrite=True)
 
+
+
+def test_motion_scale_zero_gives_aligned_pairs_and_keeps_everything_else():
+  """`motion_scale=0`: every contrast series on the non-contrast grid and anatomy (labels equal voxel for voxel),
+  the same anatomy, enhancement and noise draws otherwise; 1 (default) unchanged."""
+  args = dict(size=64, slices=6, slice_thickness=20.0, pixel_spacing=6.0)
+  moving = phantom.synthesize_case(1, 7, **args)
+  still = phantom.synthesize_case(1, 7, **args, motion_scale=0.0)
+  assert still.motion['motion_scale'] == 0.0 and 'motion_scale' not in moving.motion
+  np.testing.assert_array_equal(still.labels['non_contrast'], moving.labels['non_contrast'])
+  np.testing.assert_array_equal(still.hu['non_contrast'], moving.hu['non_contrast'])
+  for phase in ('arterial', 'portal', 'delayed'):
+    np.testing.assert_array_equal(still.labels[phase], still.labels['non_contrast'], err_msg=phase)
+    np.testing.assert_array_equal(still.slice_z[phase], still.slice_z['non_contrast'])
+    entry = still.motion['phases'][phase]
+    assert entry['in_plane_shift_px'] == [0.0, 0.0] and entry['table_shift_mm'] == 0.0
+    assert not entry['large_misalignment'] and entry['bowel_max_deformation_mm'] == 0.0
+    assert not np.array_equal(moving.labels[phase], moving.labels['non_contrast'])   # the default does move
+  # A half scale halves every recorded displacement.
+  half = phantom.synthesize_case(1, 7, **args, motion_scale=0.5)
+  for phase in ('arterial', 'portal', 'delayed'):
+    full, scaled = moving.motion['phases'][phase], half.motion['phases'][phase]
+    np.testing.assert_allclose(scaled['in_plane_shift_px'], np.multiply(full['in_plane_shift_px'], 0.5), atol=1e-4)
+    assert scaled['respiratory_shift_mm']['liver'] == pytest.approx(full['respiratory_shift_mm']['liver'] / 2,
+                                                                    abs=1e-4)
+  with pytest.raises(ValueError, match=r'\[0, 1\]'):
+    phantom.synthesize_case(1, 7, **args, motion_scale=1.5)
+
+
+def test_motion_scale_is_part_of_a_phantom_folders_settings(tmp_path):
+  args = dict(size=64, slices=4, slice_thickness=20.0, pixel_spacing=6.0)
+  phantom.generate(tmp_path, cases=1, seed=2, **args, motion_scale=0.0)
+  motion = json.loads((tmp_path / 'case_0000' / 'motion.json').read_text())
+  assert motion['motion_scale'] == 0.0
+  with pytest.raises(FileExistsError, match='motion_scale 0.0 -> None'):
+    phantom.generate(tmp_path, cases=1, seed=2, **args)

@@ -40,6 +40,13 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _unit_float(text: str) -> float:
+  value = float(text)
+  if not 0.0 <= value <= 1.0:
+    raise argparse.ArgumentTypeError(f'must be a number from 0 to 1, got {text}')
+  return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m data_prep.phantom', epilog=EXAMPLE,
                                    formatter_class=cli_help.HelpFormatter,
@@ -51,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--slices', type=_positive_int, default=48, help='slices per series (default 48)')
   parser.add_argument('--slice_thickness', type=_positive_float, default=5.0, help='mm (default 5.0)')
   parser.add_argument('--pixel_spacing', type=_positive_float, default=0.75, help='mm (default 0.75)')
+  parser.add_argument('--motion_scale', type=_unit_float, default=1.0,
+                      help="the patient's motion between the scans, scaled: 1 (default) breathing, table and in-plane "
+                           'motion; 0 contrast series aligned with the non-contrast one (pairs that differ only by '
+                           'enhancement and noise)')
   parser.add_argument('--compress', action='store_true', help='write some cases as RLE / JPEG 2000 lossless')
   parser.add_argument('--preview', action='store_true', help='write DIR/preview.png of the first case')
   parser.add_argument('--overwrite', action='store_true',
@@ -72,7 +83,7 @@ def main(argv=None) -> int:
         'phantom', args.cases, 'cases', emit=progress_lib.to_stderr).update
     folders = cases_lib.generate(args.out, args.cases, args.seed, args.size, args.slices, args.slice_thickness,
                                  args.pixel_spacing, args.compress, args.preview, overwrite=args.overwrite,
-                                 progress=progress)
+                                 progress=progress, motion_scale=args.motion_scale)
   except FileExistsError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

@@ -79,14 +79,20 @@ def check_geometry(size: int, slices: int, slice_thickness: float, pixel_spacing
 
 
 def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
-                    pixel_spacing: float = 0.75) -> Case:
-  """The case ``case_index`` of the dataset drawn with ``seed``, in memory (same arguments, same arrays)."""
+                    pixel_spacing: float = 0.75, motion_scale: float = 1.0) -> Case:
+  """The case ``case_index`` of the dataset drawn with ``seed``, in memory (same arguments, same arrays).
+
+  ``motion_scale`` scales the patient's motion between the scans (`motion.sample_motion`): 1 (default) the phantom's
+  breathing, table and in-plane motion; 0 contrast series on the non-contrast one's grid and anatomy, so that a pair
+  differs only by enhancement and noise (a test set that measures what a model learned, not the pairs' misalignment).
+  The anatomy, enhancement and noise draws do not depend on it.
+  """
   check_geometry(size, slices, slice_thickness, pixel_spacing)
   scan_rng = _rng(seed, case_index, _STREAMS['scan'])
   top_z = round(float(scan_rng.uniform(-150.0, 50.0)), 1)
   rescale_intercept = -1024 if scan_rng.random() < 0.75 else 0
   parts = anatomy.sample_anatomy(_rng(seed, case_index, _STREAMS['anatomy']), top_z, slices * slice_thickness)
-  motions = motion_lib.sample_motion(_rng(seed, case_index, _STREAMS['motion']))
+  motions = motion_lib.sample_motion(_rng(seed, case_index, _STREAMS['motion']), motion_scale)
   params = enhancement.sample_enhancement(_rng(seed, case_index, _STREAMS['enhancement']))
   hu, labels, slice_z, noise_sd = {}, {}, {}, {}
   for i, phase in enumerate(PHASES):
@@ -106,6 +112,8 @@ def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 4
       'slice_thickness_mm': slice_thickness,
       'phases': {phase: motions[phase].to_json(body_2d, pixel_spacing) for phase in motion_lib.CONTRAST_PHASES},
   }
+  if motion_scale != 1.0:
+    motion_json['motion_scale'] = float(motion_scale)
   return Case(case_id=f'case_{case_index:04d}', hu=hu, labels=labels, motion=motion_json,
               label_names=dict(anatomy.LABEL_IDS), slice_z=slice_z, pixel_spacing=pixel_spacing,
               slice_thickness=slice_thickness, identity=identity.sample_identity(
@@ -133,10 +141,11 @@ def write_case(case: Case, case_dir: pathlib.Path, transfer_syntax=None) -> None
 
 def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
              pixel_spacing: float = 0.75, compress: bool = False, preview: bool = False, overwrite: bool = False,
-             progress=None) -> list[pathlib.Path]:
+             progress=None, motion_scale: float = 1.0) -> list[pathlib.Path]:
   """Writes ``cases`` case folders under ``out_dir`` (and ``preview.png`` of the first case with ``preview``).
 
   Args:
+    motion_scale: the patient's motion between the scans, scaled (`synthesize_case`; 0: aligned pairs).
     overwrite: replace the cases of an earlier phantom made with other settings in ``out_dir`` (else refused).
     progress: called as ``progress(cases done)`` after each case.
 
@@ -155,11 +164,15 @@ def generate(out_dir, cases: int, seed: int, size: int = 512, slices: int = 48, 
   out_dir = pathlib.Path(out_dir)
   settings = {'cases': cases, 'seed': seed, 'size': size, 'slices': slices, 'slice_thickness': slice_thickness,
               'pixel_spacing': pixel_spacing, 'compress': compress}
+  if motion_scale != 1.0:
+    if not 0.0 <= motion_scale <= 1.0:
+      raise ValueError(f'motion_scale must be in [0, 1], got {motion_scale}')
+    settings['motion_scale'] = float(motion_scale)
   _clear_for(out_dir, settings, overwrite)
   out_dir.mkdir(parents=True, exist_ok=True)
   folders = []
   for index in range(cases):
-    case = synthesize_case(index, seed, size, slices, slice_thickness, pixel_spacing)
+    case = synthesize_case(index, seed, size, slices, slice_thickness, pixel_spacing, motion_scale)
     folder = out_dir / case.case_id
     write_case(case, folder, transfer_syntax_for(index, compress))
     if preview and index == 0:
@@ -193,7 +206,8 @@ def _clear_for(out_dir: pathlib.Path, settings: dict, overwrite: bool) -> None:
     return  # the same phantom: rewritten byte for byte
   if not overwrite:
     what = ('phantom cases of unknown settings' if old is None else 'a phantom made with other settings (' +
-            ', '.join(f'{k} {old.get(k)} -> {v}' for k, v in settings.items() if old.get(k) != v) + ')')
+            ', '.join(f'{k} {old.get(k)} -> {settings.get(k)}' for k in {**old, **settings}
+                      if old.get(k) != settings.get(k)) + ')')
     raise FileExistsError(f'{out_dir} already holds {what}: pass --overwrite to replace them, or choose another '
                           'folder')
   for path in ours:

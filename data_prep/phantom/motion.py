@@ -15,6 +15,7 @@ CONTRAST_PHASES = ('arterial', 'portal', 'delayed')
 RESPIRATORY_GROUPS = ('liver', 'spleen', 'kidneys')
 KIDNEY_FACTOR = 0.65  # kidneys move about 0.6-0.7x the diaphragm
 LARGE_SHIFT_PX = (7.0, 10.0)  # the converter drops pairs misaligned by more than 6 px
+CONVERTER_LIMIT_PX = 6.0
 SMALL_SHIFT_PX = 5.0
 MAX_ROTATION_DEG = 2.0
 LARGE_MISALIGNMENT_RATE = 0.2
@@ -84,6 +85,21 @@ class SeriesMotion:
     uy = np.float32(ay) * np.sin(k * x + f[2]) * np.sin(kz * z + f[3])
     return ux, uy
 
+  def scaled(self, scale: float) -> 'SeriesMotion':
+    """This motion with every displacement times ``scale`` (0: the series lies exactly where the reference does; 1:
+    unchanged). The slice offset is rounded to whole slices (half rounds to even: +-1 slice x 0.5 is 0), and a series
+    stays flagged as largely misaligned only while its scaled in-plane shift is still above 6 px (the converter's limit)."""
+    if scale == 1.0:
+      return self
+    times = lambda v: round(float(v) * scale, 4)  # rounded as motion.json records them  # noqa: E731
+    shift = (times(self.shift_px[0]), times(self.shift_px[1]))
+    return dataclasses.replace(
+        self, shift_px=shift, rotation_deg=times(self.rotation_deg), table_shift_mm=times(self.table_shift_mm),
+        respiratory_mm=tuple((g, times(v)) for g, v in self.respiratory_mm),
+        bowel_amplitude_mm=(times(self.bowel_amplitude_mm[0]), times(self.bowel_amplitude_mm[1])),
+        slice_offset=int(round(self.slice_offset * scale)),
+        large_misalignment=self.large_misalignment and float(np.hypot(*shift)) > CONVERTER_LIMIT_PX)
+
   def max_displacement_px(self, body_mask_2d: np.ndarray) -> float:
     """Largest displacement of any body pixel under the rigid in-plane motion."""
     rows, cols = np.nonzero(body_mask_2d)
@@ -107,11 +123,15 @@ class SeriesMotion:
     }
 
 
-def sample_motion(rng: np.random.Generator) -> dict[str, SeriesMotion]:
+def sample_motion(rng: np.random.Generator, scale: float = 1.0) -> dict[str, SeriesMotion]:
   """Draws the motion of each contrast series of one case (the values are rounded as motion.json records them).
 
-  About one case in five gets one contrast series with an in-plane shift above 6 px.
+  About one case in five gets one contrast series with an in-plane shift above 6 px. With ``scale`` (in [0, 1]) the
+  same draws are scaled (`SeriesMotion.scaled`): 0 gives contrast series aligned with the non-contrast one, pairs
+  that differ only by their enhancement and noise.
   """
+  if not 0.0 <= scale <= 1.0:
+    raise ValueError(f'motion scale must be in [0, 1], got {scale}')
   large_phase = rng.choice(CONTRAST_PHASES) if rng.random() < LARGE_MISALIGNMENT_RATE else None
   motions = {'non_contrast': SeriesMotion()}
   for phase in CONTRAST_PHASES:
@@ -128,5 +148,5 @@ def sample_motion(rng: np.random.Generator) -> dict[str, SeriesMotion]:
         bowel_amplitude_mm=(round(rng.uniform(1, 4), 4), round(rng.uniform(1, 4), 4)),
         bowel_phases=tuple(float(round(v, 4)) for v in rng.uniform(0, 2 * np.pi, 4)),
         slice_offset=int(rng.choice([-1, 0, 0, 1])),
-        large_misalignment=large)
+        large_misalignment=large).scaled(scale)
   return motions
