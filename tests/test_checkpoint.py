@@ -2,9 +2,11 @@
 restoring only the generator of a training run."""
 
 import glob
+import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -126,6 +128,33 @@ def test_load_generator_restores_only_the_generator(trained_run):
   assert isinstance(loaded.generator, models.Generator)
   # One step folder works as well as the work directory.
   assert ckpt_lib.load_generator(os.path.join(workdir, "checkpoints", "3")).step == 3
+
+
+def test_a_mixed_precision_run_infers_in_float32_on_cpu(trained_run, tmp_path):
+  """A checkpoint whose config says compute_dtype bfloat16 restores the same float32 parameters into a generator
+  that computes in float32 on CPU (bf16 there is slower and rounds the image); the returned config is the run's."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  config, workdir, _ = trained_run
+  copy = str(tmp_path / "bf16")
+  shutil.copytree(workdir, copy)
+  meta = os.path.join(copy, "checkpoints", "3", "config", "metadata")
+  with open(meta) as f:
+    stored = json.load(f)
+  stored["model"]["compute_dtype"] = "bfloat16"
+  for net in ("generator", "discriminator"):
+    stored["model"][net]["compute_dtype"] = "bfloat16"
+  with open(meta, "w") as f:
+    json.dump(stored, f)
+  loaded, reference = ckpt_lib.load_generator(copy), ckpt_lib.load_generator(workdir)
+  assert loaded.config.model.compute_dtype == "bfloat16"             # what the run was trained with
+  assert loaded.generator.dtype == reference.generator.dtype and loaded.generator.dtype != jnp.bfloat16
+  pre = np.random.default_rng(0).uniform(-1, 1, (1, config.data.image_size, config.data.image_size, 3))
+  np.testing.assert_array_equal(np.asarray(loaded.generator(pre.astype(np.float32))),
+                                np.asarray(reference.generator(pre.astype(np.float32))))
+  # On an accelerator the run's mixed precision stays.
+  assert ckpt_lib.inference_config(loaded.config, backend="gpu").model.generator.compute_dtype == "bfloat16"
+  assert ckpt_lib.inference_config(loaded.config, backend="cpu").model.generator.compute_dtype == "float32"
 
 
 def test_training_resumes_past_a_damaged_checkpoint(trained_run, tmp_path):

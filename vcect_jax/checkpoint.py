@@ -185,8 +185,31 @@ class LoadedGenerator:
   path: str  # the step folder it came from
 
 
+def inference_config(config: ml_collections.ConfigDict, backend: str | None = None) -> ml_collections.ConfigDict:
+  """The config to build a checkpoint's generator with for inference on `backend` (default: JAX's).
+
+  A run trained with `model.compute_dtype='bfloat16'` (mixed precision, for accelerators) keeps it on GPU and TPU;
+  on CPU its generator computes in float32 instead: bfloat16 convolutions are slower on the CPU than float32 ones
+  (benchmarks/RESULTS.md, "Performance"), miss its optimised convolutions (`vcect_jax.cpu_kernels`), and round
+  the virtual image to bf16's 8 bits. The parameters are float32 either way, so the checkpoint restores the same.
+  """
+  backend = backend or jax.default_backend()
+  model = config.get("model", {})
+  if backend != "cpu" or str(model.get("compute_dtype", "float32")) == "float32":
+    return config
+  logging.info("the checkpoint was trained with model.compute_dtype=%s; on CPU its generator runs in float32",
+               model.get("compute_dtype"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.compute_dtype = "float32"
+  for net in ("generator", "discriminator"):
+    if net in config.model and "compute_dtype" in config.model[net]:
+      config.model[net].compute_dtype = "float32"
+  return config
+
+
 def load_generator(path: str) -> LoadedGenerator:
-  """Restores only the generator of a checkpoint (no discriminator, no optimiser state).
+  """Restores only the generator of a checkpoint (no discriminator, no optimiser state), built with
+  `inference_config` (a mixed-precision run's generator computes in float32 on CPU).
 
   Args:
     path: a training work directory, its `checkpoints/` folder, or one step folder (`checkpoints/<step>`).
@@ -201,7 +224,7 @@ def load_generator(path: str) -> LoadedGenerator:
       raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
     config = ml_collections.ConfigDict(
         mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-    method = methods.create(config)
+    method = methods.create(inference_config(config))
     generator = method.build_generator()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(generator).to_pure_dict())
     target = abstract
