@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
       "pixel_spacing": 0.75,  # mm
       "seed": 0,
       "split_fractions": (0.6, 0.2, 0.2),  # train / validation / test, by case
+      # The patient's motion between the scans, scaled: 1 breathing, table and in-plane motion as in real studies;
+      # 0 contrast series on the non-contrast anatomy (perfectly aligned pairs: what the method learns without
+      # misalignment; benchmarks/RESULTS.md, issue 12, round 7).
+      "motion_scale": 1.0,
   })
 
   # ---- model / perceptual / pretrain (issue 4)

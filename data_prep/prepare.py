@@ -32,12 +32,20 @@ MANIFEST = "manifest.json"
 
 def phantom_settings(config) -> dict:
   """The settings that decide the embedded dataset, as they read back from JSON (tuples become lists)."""
-  settings = {"phantom": config.data.phantom.to_dict(), "image_size": int(config.data.image_size)}
+  settings = {"phantom": _phantom_dict(config), "image_size": int(config.data.image_size)}
   if deformable_of(config) != "none":  # absent for the default, so that earlier conversions stay reusable
     settings["deformable"] = deformable_of(config)
   if fold_of(config) is not None:
     settings.update(fold=fold_of(config), num_folds=int(config.data.num_folds))
   return json.loads(json.dumps(settings))
+
+
+def _phantom_dict(config) -> dict:
+  """`data.phantom` as a dict, without `motion_scale` at its default 1 (so that earlier datasets stay reusable)."""
+  d = config.data.phantom.to_dict()
+  if float(d.get("motion_scale", 1.0)) == 1.0:
+    d.pop("motion_scale", None)
+  return d
 
 
 def deformable_of(config) -> str:
@@ -156,7 +164,7 @@ def ensure_dataset(config, workdir: str) -> str:
   p = config.data.phantom
   dicom_dir = os.path.join(root, "dicom")
   dicom_stamp = os.path.join(root, "phantom_settings.json")
-  dicom_settings = json.loads(json.dumps(p.to_dict()))
+  dicom_settings = json.loads(json.dumps(_phantom_dict(config)))
   shutil.rmtree(converted, ignore_errors=True)
   if os.path.exists(stamp):
     os.remove(stamp)
@@ -172,7 +180,8 @@ def ensure_dataset(config, workdir: str) -> str:
     log.info("No data.dir: generating %d phantom cases in %s", p.cases, dicom_dir)
     phantom.generate(dicom_dir, cases=int(p.cases), seed=int(p.seed), size=int(p.size), slices=int(p.slices),
                      slice_thickness=float(p.slice_thickness), pixel_spacing=float(p.pixel_spacing), preview=True,
-                     progress=progress_lib.Progress("phantom", int(p.cases), "cases").update)
+                     progress=progress_lib.Progress("phantom", int(p.cases), "cases").update,
+                     motion_scale=float(p.get("motion_scale", 1.0)))
     with open(dicom_stamp, "w") as f:
       json.dump(dicom_settings, f)
   log.info("Converting the phantom to records in %s", converted)

@@ -121,3 +121,21 @@ def test_cross_validation_folds_share_the_studies_and_deal_every_case_to_one_tes
   assert len(tested) == len(set(tested)) == converted >= 3
   with open(os.path.join(tmp_path, "data", "phantom_settings.json")) as f:
     assert json.load(f)["cases"] == _config().data.phantom.cases
+
+
+def test_motion_scale_makes_the_phantom_again_and_reaches_it(made, tmp_path, monkeypatch):
+  """`data.phantom.motion_scale`: 1 (the default) leaves the settings as before (earlier datasets stay reusable);
+  another value is a new phantom, generated with it."""
+  assert "motion_scale" not in prepare.phantom_settings(_config())["phantom"]
+  config = _config()
+  config.data.phantom.motion_scale = 0.0
+  assert prepare.phantom_settings(config)["phantom"]["motion_scale"] == 0.0
+  root = tmp_path / "data"
+  (root / "converted").mkdir(parents=True)
+  for name in ("settings.json", "converted/manifest.json", "phantom_settings.json"):
+    (root / name).write_bytes(open(os.path.join(made["workdir"], "data", name), "rb").read())
+  asked = []
+  monkeypatch.setattr(phantom, "generate", lambda *a, **k: asked.append(k))
+  with pytest.raises(ValueError, match="is not a directory"):   # the spy writes nothing to convert
+    prepare.ensure_dataset(config, str(tmp_path))
+  assert [k["motion_scale"] for k in asked] == [0.0]
