@@ -147,6 +147,17 @@ def get_config() -> ml_collections.ConfigDict:
   loss.pixel_enhancement_weight = 0.0
   loss.pixel_enhancement_threshold_hu = 50.0  # enhancement (HU) below which a pixel keeps weight 1
 
+  # Registration of each virtual image onto its real target during training (not in the paper; RegGAN, Kong et al.
+  # 2021): a small network warps the virtual image before the pixel term, so that the pairs' misalignment is taken
+  # up by a smooth in-plane deformation instead of blurring the generator's enhancement (vcect_jax/models/
+  # registration.py). Inference never warps. The pixel term becomes pixel(warp(virtual), real) + smooth_weight *
+  # mean squared gradient of the deformation (pixels per pixel); the network trains with the generator's optimiser
+  # settings. Dual-path GAN only.
+  config.registration = registration = ml_collections.ConfigDict()
+  registration.enabled = False
+  registration.smooth_weight = 0.5           # RegGAN's smoothness / correction weights, 10 / 20
+  registration.widths = (16, 32, 32)         # channels at full, half and quarter resolution
+
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()
   dual.enabled = True

@@ -2,7 +2,8 @@
 
 State (`DualPathGANState`): `generators` (the global path's generator, and the local path's when it is not
 shared), `discriminator`, their optimisers `opt_g` and `opt_d`, and the frozen pretext `encoder` of the perceptual
-loss (None without it).
+loss (None without it); with `registration.enabled` (not the paper: RegGAN's correction of misaligned targets,
+`vcect_jax.models.registration`) also `registration` and `opt_r`, trained by the generator loss's pixel term.
 
 Order of the updates inside one step (pix2pix's order, with a single generator forward pass):
   1. The generator runs once on the whole image (global path) and on its four quadrants (local path, re-assembled),
@@ -29,6 +30,7 @@ from vcect_jax import dual_path
 from vcect_jax import losses
 from vcect_jax import models
 from vcect_jax.methods import contrast
+from vcect_jax.models import registration as registration_lib
 
 CONTRAST_PHASES = contrast.CONTRAST_PHASES
 
@@ -45,15 +47,20 @@ class Generators(nnx.Module):
 
 
 class DualPathGANState(nnx.Module):
-  """Everything the dual-path GAN trains (and the frozen encoder it uses), by name."""
+  """Everything the dual-path GAN trains (and the frozen encoder it uses), by name; with `registration.enabled`
+  also the registration network and its optimiser (None otherwise, so that checkpoints keep their layout)."""
 
   def __init__(self, generators: Generators, discriminator: models.Discriminator, opt_g: nnx.Optimizer,
-               opt_d: nnx.Optimizer, encoder: models.Encoder | None):
+               opt_d: nnx.Optimizer, encoder: models.Encoder | None,
+               registration: registration_lib.Registration | None = None, opt_r: nnx.Optimizer | None = None):
     self.generators = generators
     self.discriminator = discriminator
     self.opt_g = opt_g
     self.opt_d = opt_d
     self.encoder = encoder
+    if registration is not None:
+      self.registration = registration
+      self.opt_r = opt_r
 
 
 # ------------------------------------------------------------------------------------------------ optimisers
@@ -136,6 +143,12 @@ class DualPathGAN(contrast.ContrastMethod):
       problems.append("perceptual.pretext_checkpoint is empty: run through `python -m vcect_jax.main`, which "
                       "pretrains one, or pretrain with configs/pretrain.py and pass its <workdir>/pretext "
                       "(or set loss.use_perceptual=False and perceptual.init_generator=False)")
+    if self.registration_enabled:
+      r = config.registration
+      if not r.smooth_weight >= 0:
+        problems.append(f"registration.smooth_weight={r.smooth_weight} must be >= 0")
+      if len(tuple(r.widths)) != 3 or min(tuple(r.widths)) < 1:
+        problems.append(f"registration.widths={tuple(r.widths)} must be three positive channel counts")
     if problems:
       raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -172,7 +185,15 @@ class DualPathGAN(contrast.ContrastMethod):
     encoder = pretrain.load_pretext_encoder(path, config) if config.loss.use_perceptual else None
     gens.train()
     disc.train()
-    return DualPathGANState(gens, disc, opt_g, opt_d, encoder)
+    reg = opt_r = None
+    if self.registration_enabled:
+      reg = registration_lib.Registration(tuple(config.registration.widths), rngs=rngs)
+      opt_r = nnx.Optimizer(reg, make_optimizer(g_lr, config.train), wrt=nnx.Param)
+    return DualPathGANState(gens, disc, opt_g, opt_d, encoder, reg, opt_r)
+
+  @property
+  def registration_enabled(self) -> bool:
+    return bool(self.config.get("registration", {}).get("enabled", False))
 
   def learning_rates(self, step: int) -> dict[str, float]:
     g_lr, d_lr = self._schedules
@@ -218,10 +239,21 @@ class DualPathGAN(contrast.ContrastMethod):
     # 3. Generator loss on the virtual images, against the updated discriminator, pulled back to the params.
     mid = pre.shape[-1] // 2
     pre_center = pre[..., mid:mid + post.shape[-1]]  # the non-contrast slice paired with `post`
-    def g_loss_fn(virtual):
+    registering = self.registration_enabled
+    if registering:
+      r_def, r_params = nnx.split(state.registration, nnx.Param)
+      smooth_weight = float(config.registration.smooth_weight)
+
+    def g_loss_fn(virtual, r_params):
       terms, totals = {}, {}
       for path, v in virtual.items():
-        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post, pre_center)
+        if registering:  # the pixel term on the virtual image warped onto its target (RegGAN's correction loss)
+          flow = nnx.merge(r_def, r_params)(v, post)
+          terms[f"g_smooth_{path}"] = registration_lib.smoothness(flow)
+          terms[f"g_pixel_{path}"] = (g_weights.pixel_loss(registration_lib.warp(v, flow), post, pre_center)
+                                      + smooth_weight * terms[f"g_smooth_{path}"])
+        else:
+          terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post, pre_center)
         adv = perc = None
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
@@ -235,9 +267,12 @@ class DualPathGAN(contrast.ContrastMethod):
             g_weights, terms[f"g_pixel_{path}"], adv, perc)
       return losses.dual_path_loss(totals, weights), terms
 
-    (g_loss, g_terms), d_virtual = jax.value_and_grad(g_loss_fn, has_aux=True)(virtual)
+    (g_loss, g_terms), (d_virtual, r_grads) = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(
+        virtual, r_params if registering else {})
     (g_grads,) = pullback(d_virtual)
     state.opt_g.update(gens, g_grads)
+    if registering:
+      state.opt_r.update(state.registration, r_grads)
     metrics.update(g_terms, g_loss=g_loss)
     return metrics
 

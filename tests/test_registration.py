@@ -1,0 +1,104 @@
+"""The registration network that warps virtual images onto misaligned targets during training (RegGAN-style)."""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import arterial
+from vcect_jax import methods
+from vcect_jax import models
+from vcect_jax import pretrain
+from vcect_jax import sharding
+from vcect_jax import train
+from vcect_jax.models import registration
+
+
+def _image(size=24, seed=0):
+  """A smooth random image (B=1, size, size, 1): bilinear sampling of it is meaningful."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.normal(size=(1, size // 4, size // 4, 1)).astype(np.float32)
+  return jax.image.resize(jnp.asarray(coarse), (1, size, size, 1), "linear")
+
+
+def test_warp_identity_shift_and_interpolation():
+  image = _image()
+  zero = jnp.zeros(image.shape[:3] + (2,))
+  np.testing.assert_allclose(registration.warp(image, zero), image, atol=1e-6)
+  # A whole-pixel flow of +2 rows samples two rows further down (inside the image).
+  shifted = registration.warp(image, zero.at[..., 0].set(2.0))
+  np.testing.assert_allclose(shifted[:, :-2], image[:, 2:], atol=1e-6)
+  # Half a column: the mean of the two neighbours; the last column clamps to the border.
+  half = registration.warp(image, zero.at[..., 1].set(0.5))
+  np.testing.assert_allclose(half[:, :, :-1], 0.5 * (image[:, :, :-1] + image[:, :, 1:]), atol=1e-6)
+  np.testing.assert_allclose(half[:, :, -1], image[:, :, -1], atol=1e-6)
+  # Differentiable in the flow.
+  grad = jax.grad(lambda f: jnp.sum(registration.warp(image, f) * image))(zero.at[..., 0].set(0.3))
+  assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+
+
+def test_smoothness_is_zero_for_a_uniform_shift_only():
+  flow = jnp.ones((2, 8, 8, 2)) * 1.5
+  assert float(registration.smoothness(flow)) == 0.0
+  bent = flow.at[:, 4:, :, 0].add(1.0)
+  assert float(registration.smoothness(bent)) > 0.0
+
+
+def test_network_starts_at_the_identity_and_learns_to_undo_a_shift():
+  net = registration.Registration((8, 16, 16), rngs=nnx.Rngs(0))
+  moving = _image(32, seed=1)
+  target = registration.warp(moving, jnp.zeros((1, 32, 32, 2)).at[..., 0].set(-1.5))   # moved 1.5 rows up
+  assert float(jnp.abs(net(moving, target)).max()) == 0.0
+  opt = nnx.Optimizer(net, optax.adam(3e-3), wrt=nnx.Param)
+
+  def loss(net):
+    flow = net(moving, target)
+    return jnp.mean(jnp.abs(registration.warp(moving, flow) - target)) + 0.1 * registration.smoothness(flow)
+
+  @nnx.jit
+  def step(net, opt):
+    value, grads = nnx.value_and_grad(loss)(net)
+    opt.update(net, grads)
+    return value
+
+  first = float(step(net, opt))
+  for _ in range(150):
+    last = float(step(net, opt))
+  assert last < 0.4 * first, (first, last)
+  inner = net(moving, target)[0, 8:-8, 8:-8, 0]
+  assert abs(float(jnp.median(inner)) + 1.5) < 0.5   # the rows' flow found the shift
+
+
+def test_dual_path_gan_trains_the_registration_only_when_enabled():
+  config = arterial.get_config("smoke")
+  config.dual_path.enabled = False
+  config.loss.use_perceptual = False
+  config.perceptual.init_generator = False
+  config.perceptual.pretext_checkpoint = "unused"
+  encoder = lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(5)).encoder  # noqa: E731
+  with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
+    plain = methods.create(config).create_state(steps_per_epoch=10)
+  assert not hasattr(plain, "registration")   # the default keeps the checkpoint layout
+  config.registration.enabled = True
+  method = methods.create(config)
+  with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
+    module = method.create_state(steps_per_epoch=10)
+  graphdef, state = nnx.split(module)
+  before = jax.tree.map(np.array, nnx.to_pure_dict(state)["registration"])
+  step = train.jit_train_step(method, graphdef, sharding.make_mesh())
+  size = config.data.image_size
+  k1, k2 = jax.random.split(jax.random.key(0))
+  batch = {"pre": jax.random.uniform(k1, (2, size, size, 3), minval=-1, maxval=1),
+           "post": jax.random.uniform(k2, (2, size, size, 1), minval=-1, maxval=1)}
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["g_smooth_global"]) and metrics["g_smooth_global"] > 0   # the field is no longer 0
+  after = nnx.to_pure_dict(jax.device_get(state))["registration"]
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+  assert all(changed)
+  # The generator a checkpoint's evaluation builds is the plain one.
+  assert isinstance(method.build_generator(), models.Generator)
