@@ -151,7 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 2021): a small network warps the virtual image before the pixel term, so that the pairs' misalignment is taken
   # up by a smooth in-plane deformation instead of blurring the generator's enhancement (vcect_jax/models/
   # registration.py). Inference never warps. The pixel term becomes pixel(warp(virtual), real) + smooth_weight *
-  # mean squared gradient of the deformation (pixels per pixel); the network trains with the generator's optimiser
+  # mean squared gradient of the deformation (pixels per pixel), and the perceptual term compares warp(virtual)
+  # too; the adversarial term judges the unwarped image. The network trains with the generator's optimiser
   # settings. Dual-path GAN only.
   config.registration = registration = ml_collections.ConfigDict()
   registration.enabled = False

@@ -247,10 +247,12 @@ class DualPathGAN(contrast.ContrastMethod):
     def g_loss_fn(virtual, r_params):
       terms, totals = {}, {}
       for path, v in virtual.items():
-        if registering:  # the pixel term on the virtual image warped onto its target (RegGAN's correction loss)
+        compared = v   # what the terms that compare with the real slice see
+        if registering:  # the virtual image warped onto its target (RegGAN's correction loss)
           flow = nnx.merge(r_def, r_params)(v, post)
+          compared = registration_lib.warp(v, flow)
           terms[f"g_smooth_{path}"] = registration_lib.smoothness(flow)
-          terms[f"g_pixel_{path}"] = (g_weights.pixel_loss(registration_lib.warp(v, flow), post, pre_center)
+          terms[f"g_pixel_{path}"] = (g_weights.pixel_loss(compared, post, pre_center)
                                       + smooth_weight * terms[f"g_smooth_{path}"])
         else:
           terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post, pre_center)
@@ -259,7 +261,7 @@ class DualPathGAN(contrast.ContrastMethod):
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
           adv = terms[f"g_adv_{path}"] = losses.adversarial(d(pre, v), 1.0)
         if use_perc:
-          perc, per_block = models.perceptual.perceptual_loss(state.encoder, v, post, perc_weights)
+          perc, per_block = models.perceptual.perceptual_loss(state.encoder, compared, post, perc_weights)
           terms[f"g_perc_{path}"] = perc
           for j, block_loss in enumerate(per_block):
             terms[f"g_perc_{path}_block{j + 1}"] = block_loss
