@@ -37,8 +37,8 @@ on the same records. The table compares three predictions of the contrast slice,
   real in window: the real contrast slice clipped to the model's CT window (`data.window`) and put through
             evaluation's HU rule (`evaluate.virtual_hu`: the non-contrast HU kept outside the window), i.e. a
             perfect model's prediction: the best that any model of that window can score. Its ratio is the ceiling
-            of the model's (the delayed collecting system, ~700 HU, reaches only ~0.3 through the paper's
-            W400/L30: HU -170..230).
+            of the model's (through the paper's W400/L30, HU -170..230: the delayed collecting system 0.61 and
+            the arterial aorta 0.80 on aligned pairs; benchmarks/RESULTS.md, issue 12, round 7).
 
 Rows: whole-body MAE (HU, inside the body), PSNR (dB) and SSIM (HU mode, `vcect_jax.metrics.hu_metrics`), then for
 each enhancing organ of the phase (the organs that the phantom's table enhances by at least 10 HU in that phase,
