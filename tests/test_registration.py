@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from configs import arterial
@@ -102,3 +103,7 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   assert all(changed)
   # The generator a checkpoint's evaluation builds is the plain one.
   assert isinstance(method.build_generator(), models.Generator)
+  # Other methods do not take the option silently.
+  config.method = "pix2pix"
+  with pytest.raises(ValueError, match="registration.enabled"):
+    methods.create(config)

@@ -3,7 +3,8 @@
 State (`DualPathGANState`): `generators` (the global path's generator, and the local path's when it is not
 shared), `discriminator`, their optimisers `opt_g` and `opt_d`, and the frozen pretext `encoder` of the perceptual
 loss (None without it); with `registration.enabled` (not the paper: RegGAN's correction of misaligned targets,
-`vcect_jax.models.registration`) also `registration` and `opt_r`, trained by the generator loss's pixel term.
+`vcect_jax.models.registration`) also `registration` and `opt_r`, trained by the generator loss's pixel and
+perceptual terms, which compare the warped virtual image with the real one.
 
 Order of the updates inside one step (pix2pix's order, with a single generator forward pass):
   1. The generator runs once on the whole image (global path) and on its four quadrants (local path, re-assembled),
@@ -48,7 +49,7 @@ class Generators(nnx.Module):
 
 class DualPathGANState(nnx.Module):
   """Everything the dual-path GAN trains (and the frozen encoder it uses), by name; with `registration.enabled`
-  also the registration network and its optimiser (None otherwise, so that checkpoints keep their layout)."""
+  also the registration network and its optimiser (absent otherwise, so that checkpoints keep their layout)."""
 
   def __init__(self, generators: Generators, discriminator: models.Discriminator, opt_g: nnx.Optimizer,
                opt_d: nnx.Optimizer, encoder: models.Encoder | None,
