@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import arterial
+from configs.baselines import pix2pix as baselines_pix2pix
 from vcect_jax import methods
 from vcect_jax import models
 from vcect_jax import pretrain
@@ -103,7 +104,9 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   assert all(changed)
   # The generator a checkpoint's evaluation builds is the plain one.
   assert isinstance(method.build_generator(), models.Generator)
-  # Other methods do not take the option silently.
-  config.method = "pix2pix"
+  # The baselines do not take the option silently.
+  baseline = baselines_pix2pix.get_config("arterial,smoke")
+  methods.create(baseline).validate()
+  baseline.registration.enabled = True
   with pytest.raises(ValueError, match="registration.enabled"):
-    methods.create(config)
+    methods.create(baseline).validate()

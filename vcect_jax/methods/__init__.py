@@ -37,8 +37,4 @@ def get_class(name: str) -> type[base.Method]:
 
 
 def create(config, **kwargs) -> base.Method:
-  name = method_name(config)
-  if name not in ("dual_path_gan", "pretext") and config.get("registration", {}).get("enabled", False):
-    raise ValueError(f"registration.enabled is a dual_path_gan option; config.method={name!r} does not use it "
-                     "(set registration.enabled=False)")
-  return get_class(name)(config, **kwargs)
+  return get_class(method_name(config))(config, **kwargs)

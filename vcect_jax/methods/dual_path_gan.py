@@ -194,7 +194,7 @@ class DualPathGAN(contrast.ContrastMethod):
 
   @property
   def registration_enabled(self) -> bool:
-    return bool(self.config.get("registration", {}).get("enabled", False))
+    return registration_lib.enabled(self.config)
 
   def learning_rates(self, step: int) -> dict[str, float]:
     g_lr, d_lr = self._schedules

@@ -26,6 +26,7 @@ from flax import nnx
 
 from vcect_jax import input_pipeline
 from vcect_jax.methods import contrast
+from vcect_jax.models import registration
 
 CONTRAST_PHASES = contrast.CONTRAST_PHASES
 
@@ -86,6 +87,9 @@ class TranslationBaseline(contrast.ContrastMethod):
   def validate(self) -> None:
     problems = [f"train.{p}" for p in self.loop_settings().check()]
     problems += self.check_section()
+    if registration.enabled(self.config):
+      problems.append(f"registration.enabled is a dual_path_gan option that {self.name} does not use: set "
+                      "registration.enabled=False")
     if self.config.phase not in CONTRAST_PHASES:
       problems.append(f"phase={self.config.phase!r} must be one of {CONTRAST_PHASES}")
     s = self.section

@@ -22,6 +22,11 @@ from flax import nnx
 from vcect_jax.models import layers
 
 
+def enabled(config) -> bool:
+  """Whether a config asks for the registration (`registration.enabled`; absent in configs written before it)."""
+  return bool(config.get("registration", {}).get("enabled", False))
+
+
 def warp(image: jax.Array, flow: jax.Array) -> jax.Array:
   """`image` `(B, H, W, C)` sampled at `(row + flow[..., 0], column + flow[..., 1])`, bilinear, positions clamped to
   the image; differentiable in both."""
