@@ -1,7 +1,7 @@
 """How well each converter alignment option pairs contrast slices with non-contrast slices, on the phantom (issue 12).
 
   python -m benchmarks.align_bench [--cases 4] [--seed 7] [--size 128] [--slices 16] [--pixel_spacing 3.0]
-      [--options paper,resample,bspline,demons]
+      [--options paper,resample,local,bspline,demons]
 
 The phantom knows the truth: every phase has its own organ labels, rendered with that phase's motion (rigid
 in-plane, table shift, breathing shift of liver, spleen and kidneys, bowel deformation; `motion.json`). Each
@@ -31,12 +31,14 @@ ORGANS = ("aorta", "portal_vein", "liver", "spleen", "kidney_cortex", "collectin
 OPTIONS = {
     "paper": register.Options(),
     "resample": register.Options(through_plane="resample"),
+    "local": register.Options(through_plane="local"),
+    "local5": register.Options(through_plane="local", local_reach_mm=5.0),
     "bspline": register.Options(deformable="bspline"),
     "demons": register.Options(deformable="demons"),
     "resample+bspline": register.Options(through_plane="resample", deformable="bspline"),
     "resample+demons": register.Options(through_plane="resample", deformable="demons"),
 }
-DEFAULT_OPTIONS = ("paper", "resample", "bspline", "demons")
+DEFAULT_OPTIONS = ("paper", "resample", "local", "bspline", "demons")
 PHASES = ("arterial", "portal", "delayed")
 
 

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The embedded phantom's conversion (with `data.dir` empty): `--deformable` of `python -m data_prep.convert`
   # ('none': the paper's alignment; 'demons' or 'bspline': a 3-D deformable registration that undoes breathing).
   data.deformable = "none"
+  # The embedded phantom's `--through_plane` ('nearest': the paper's nearest slice; 'resample': linear along z;
+  # 'local': each region takes the contrast slice within 10 mm that matches it best, undoing each organ's breathing
+  # shift).
+  data.through_plane = "nearest"
   # Phantom used when `data.dir` is empty.
   data.phantom = ml_collections.ConfigDict({
       "cases": 10,            # number of synthetic cases (about one in five is excluded for large motion)

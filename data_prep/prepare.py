@@ -35,6 +35,8 @@ def phantom_settings(config) -> dict:
   settings = {"phantom": _phantom_dict(config), "image_size": int(config.data.image_size)}
   if deformable_of(config) != "none":  # absent for the default, so that earlier conversions stay reusable
     settings["deformable"] = deformable_of(config)
+  if through_plane_of(config) != "nearest":  # likewise
+    settings["through_plane"] = through_plane_of(config)
   if fold_of(config) is not None:
     settings.update(fold=fold_of(config), num_folds=int(config.data.num_folds))
   return json.loads(json.dumps(settings))
@@ -50,6 +52,10 @@ def _phantom_dict(config) -> dict:
 
 def deformable_of(config) -> str:
   return str(config.data.get("deformable", "none"))
+
+
+def through_plane_of(config) -> str:
+  return str(config.data.get("through_plane", "nearest"))
 
 
 def fold_of(config) -> int | None:
@@ -190,7 +196,7 @@ def ensure_dataset(config, workdir: str) -> str:
                                image_size=int(config.data.image_size), key_file=key_file,
                                split_fractions=tuple(p.split_fractions), split_method="rank",
                                fold=fold_of(config), num_folds=int(config.data.get("num_folds", 5)),
-                               deformable=deformable_of(config)))
+                               deformable=deformable_of(config), through_plane=through_plane_of(config)))
   with open(stamp, "w") as f:
     json.dump(settings, f)
   return _checked(converted, config)

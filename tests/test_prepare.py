@@ -61,22 +61,25 @@ def test_changed_settings_make_the_dataset_again(made, tmp_path, monkeypatch):
   assert len(calls) == 1
 
 
-def test_deformable_alignment_reconverts_and_reaches_the_converter(made, tmp_path, monkeypatch):
-  # The same studies (reused: same phantom settings), converted again with the demons registration.
+@pytest.mark.parametrize("key, value, default", [("deformable", "demons", "none"),
+                                                  ("through_plane", "local", "nearest")])
+def test_alignment_option_reconverts_and_reaches_the_converter(made, tmp_path, monkeypatch, key, value, default):
+  # The same studies (reused: same phantom settings), converted again with another alignment option.
   root = tmp_path / "data"
   (root / "converted").mkdir(parents=True)
   for name in ("settings.json", "converted/manifest.json", "phantom_settings.json"):
     (root / name).write_bytes(open(os.path.join(made["workdir"], "data", name), "rb").read())
   config = _config()
-  config.data.deformable = "demons"
-  assert prepare.phantom_settings(config)["deformable"] == "demons"
-  assert "deformable" not in prepare.phantom_settings(_config())  # earlier stamps stay valid
+  assert config.data[key] == default
+  config.data[key] = value
+  assert prepare.phantom_settings(config)[key] == value
+  assert key not in prepare.phantom_settings(_config())  # earlier stamps stay valid
   from data_prep import convert  # pylint: disable=import-outside-toplevel
   asked = []
   monkeypatch.setattr(convert, "run", lambda settings: asked.append(settings) or pytest.fail("converted"))
   with pytest.raises(pytest.fail.Exception):
     prepare.ensure_dataset(config, str(tmp_path))
-  assert [s.deformable for s in asked] == ["demons"]
+  assert [getattr(s, key) for s in asked] == [value]
 
 
 def test_given_data_dir_with_another_image_size_is_refused(made):

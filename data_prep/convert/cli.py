@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--ecc_size", type=int, default=128, help="ECC runs on the body crop downsampled to this size")
   p.add_argument("--z_search_mm", type=float, default=40.0,
                  help="range of the through-plane offset search, in mm either side")
-  p.add_argument("--through_plane", choices=("nearest", "resample"), default="nearest",
-                 help="pair each non-contrast slice with the nearest contrast slice (the paper), or resample the "
-                      "contrast volume linearly along z onto the corrected table positions")
+  p.add_argument("--through_plane", choices=("nearest", "resample", "local"), default="nearest",
+                 help="pair each non-contrast slice with the nearest contrast slice (the paper), resample the "
+                      "contrast volume linearly along z onto the corrected table positions, or (local) let each "
+                      "region of the slice take the contrast slice within 10 mm of the nearest one that matches it "
+                      "best, which undoes each organ's own breathing shift (benchmarks/RESULTS.md, issue 12)")
   p.add_argument("--deformable", choices=("none", "bspline", "demons"), default="none",
                  help="3-D deformable registration (SimpleITK) of each contrast volume onto the non-contrast one "
                       "after the affine step: bspline (mutual information) or demons (on HU clipped to [-200, 60]); "
