@@ -8,13 +8,15 @@ options, each chosen by a converter flag and recorded in the manifest's settings
 * ``through_plane='resample'`` (`--through_plane=resample`): instead of the nearest slice, the contrast volume is
   resampled linearly along z onto the corrected non-contrast table positions, so that a sub-slice offset (up to
   half a slice, 2.5 mm at 5 mm slices) no longer leaves a through-plane mismatch.
-* ``through_plane='local'`` (`--through_plane=local`): the nearest slice's affine ECC warp is applied to it and to
-  the contrast slices within ``local_reach_mm`` of it, and each region of the slice takes whichever of them matches the
-  non-contrast slice best (per-pixel absolute difference of the HU clipped to ``clip_hu``, smoothed by a Gaussian
-  of ``local_sigma_mm``; a neighbour must beat the nearest slice by ``local_margin_hu``). Breathing moves liver,
-  spleen and kidneys along z by up to 10 mm, each organ its own distance: the nearest slice then cuts each of them
-  at another level than the non-contrast slice does, and no in-plane or smooth 3-D warp of it shows the right
-  cross-section. Picking the level per region does, to within half a slice, without interpolating between slices.
+* ``through_plane='local'`` (`--through_plane=local`): the nearest slice's affine ECC warp is applied (bicubic) to
+  it and to the contrast slices within ``local_reach_mm`` of it, each also shifted by ``local_shift_mm`` in the
+  four in-plane directions, and each region of the slice takes whichever of these candidates matches the
+  non-contrast slice best (per-pixel absolute difference of the HU clipped to ``local_clip_hu``, smoothed by a
+  Gaussian of ``local_sigma_mm``; another candidate must beat the nearest slice by ``local_margin_hu``). Breathing
+  moves liver, spleen and kidneys along z by up to 10 mm, each organ its own distance: the nearest slice then cuts
+  each of them at another level than the non-contrast slice does, and no in-plane or smooth 3-D warp of it shows
+  the right cross-section. Picking the level per region does, to within half a slice, without interpolating
+  between slices. Each region keeps real pixels of one contrast slice: no blend, no warp beyond the affine one.
 * ``deformable='bspline'`` or ``'demons'`` (`--deformable=...`): after the per-slice affine step, a 3-D
   deformable registration (SimpleITK) of the contrast volume onto the non-contrast one inside the body, on volumes
   downsampled in-plane to about ``deformable_size`` pixels, with few iterations; the transform is then applied to
@@ -61,6 +63,17 @@ class Options:
     metric: 'mi' (Mattes mutual information) or 'mse' (mean squares on the clipped HU).
     clip_hu: the HU range the B-spline metric sees; the top at 60 HU flattens the enhancement (an arterial aorta
       at 200 HU and its non-contrast 40 HU both look like soft tissue), so that it cannot pull the transform.
+    local_reach_mm: 'local': how far (mm, either side; at least one slice) from the nearest slice a region may take
+      its level (breathing moves the liver up to about 10 mm between scans).
+    local_sigma_mm: 'local': the Gaussian that smooths each candidate's difference map (the size of a region).
+    local_margin_hu: 'local': how much lower (HU, mean absolute difference) another candidate's smoothed difference
+      must be than the nearest slice's for a pixel to take it (noise alone must not switch).
+    local_shift_mm: 'local': each level is also tried shifted by this much left, right, up and down (0: not), for
+      the residual of ECC's one affine warp per slice on organs that moved apart from the body (~0.4 px).
+    local_clip_hu: 'local': the HU range the comparison sees. Its top at 0 HU hides every enhancement (non-contrast
+      soft tissue is 20-60 HU), so that the choice follows the organs' outlines against fat and air and cannot
+      favour a level where an organ looks less enhanced (a top of 60 HU did: arterial kidney cortex kept 0.47 of
+      its enhancement against 0.60; benchmarks/RESULTS.md).
   """
 
   through_plane: str = "nearest"
@@ -72,8 +85,10 @@ class Options:
   metric: str = "mi"
   clip_hu: tuple[float, float] = (-200.0, 60.0)
   local_reach_mm: float = 10.0
-  local_sigma_mm: float = 10.0
+  local_sigma_mm: float = 5.0
   local_margin_hu: float = 3.0
+  local_shift_mm: float = 1.5
+  local_clip_hu: tuple[float, float] = (-200.0, 0.0)
 
   def check(self) -> None:
     if self.through_plane not in THROUGH_PLANE:
@@ -165,7 +180,7 @@ def local_levels(pre_hu: np.ndarray, candidates: list[np.ndarray], centre: int, 
   """int (H, W): for each pixel, which of `candidates` (contrast slices at neighbouring levels, on the non-contrast
   grid; `centre` the nearest one) matches the non-contrast slice best in its region (`Options.local_*`). Outside
   the body every pixel keeps the nearest slice."""
-  lo, hi = options.clip_hu
+  lo, hi = options.local_clip_hu
   reference = np.clip(pre_hu.astype(np.float32), lo, hi)
   sigma = options.local_sigma_mm / pixel_spacing_mm
   inside = body_mask > 0
@@ -360,25 +375,30 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
     p.shift_px, p.ecc_score = result.shift_px, result.ecc_score
     h, w = pre_hu.shape[1:]
 
-    def warped(image, border):
-      return cv2.warpAffine(image.astype(np.float32), result.warp, (w, h),
-                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
-                            borderValue=float(border))
+    def warped(image, border, dx=0.0, dy=0.0, interpolation=cv2.INTER_LINEAR):
+      warp = result.warp.astype(np.float64).copy()
+      warp[:, 2] += (dx, dy)  # WARP_INVERSE_MAP: samples the source (dx, dy) px further: the image moves by -(dx, dy)
+      return cv2.warpAffine(image.astype(np.float32), warp, (w, h), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=float(border))
 
     choice = None
     if options.through_plane == "local":
       j = int(u[i])
       reach = max(1, int(round(options.local_reach_mm / post_dz)))
-      levels = [k for k in range(j - reach, j + reach + 1) if 0 <= k < len(post_hu)]
-      candidates = [result.post_hu if k == j else np.rint(warped(post_hu[k], fill_hu)).astype(np.int16)
-                    for k in levels]
-      choice = local_levels(pre_hu[i], candidates, levels.index(j), body_masks[i], pixel_spacing_mm, options)
+      step = options.local_shift_mm / pixel_spacing_mm  # px; ECC's one affine warp leaves ~0.4 px on small organs
+      shifts = [(0.0, 0.0)] + ([(step, 0.0), (-step, 0.0), (0.0, step), (0.0, -step)] if step > 0 else [])
+      levels = [(k, dx, dy) for k in range(j - reach, j + reach + 1) if 0 <= k < len(post_hu) for dx, dy in shifts]
+      centre = levels.index((j, 0.0, 0.0))
+      # Bicubic: a thin enhancing rim (kidney cortex, a vessel) keeps more of its contrast than under bilinear.
+      candidates = [np.clip(np.rint(warped(post_hu[k], fill_hu, dx, dy, cv2.INTER_CUBIC)), -32768, 32767)
+                    .astype(np.int16) for k, dx, dy in levels]
+      choice = local_levels(pre_hu[i], candidates, centre, body_masks[i], pixel_spacing_mm, options)
       p.post_hu = np.take_along_axis(np.stack(candidates), choice[None], axis=0)[0]
-      p.levels_changed = float(np.mean(choice[body_masks[i] > 0] != levels.index(j))) if body_masks[i].any() else 0.0
+      p.levels_changed = float(np.mean(choice[body_masks[i] > 0] != centre)) if body_masks[i].any() else 0.0
     stacked[i] = p.post_hu
     for volume, out in zip(carry, carried):
       if choice is not None:
-        moved = np.stack([warped(volume[k], 0.0) for k in levels])
+        moved = np.stack([warped(volume[k], 0.0, dx, dy) for k, dx, dy in levels])
         out[i] = np.take_along_axis(moved, choice[None], axis=0)[0]
         continue
       moved = resample_mask(volume, u[i]) if options.through_plane == "resample" else resample_slice(volume, u[i])

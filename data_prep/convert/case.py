@@ -138,7 +138,7 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
   else:
     offset, z_score = 0.0, float("nan")
   n = len(pre.hu)
-  serialized, excluded, shifts, mis, eccs, worst, residuals = [], [], [], [], [], [], []
+  serialized, excluded, shifts, mis, eccs, worst, residuals, changed = [], [], [], [], [], [], [], []
   options = settings.registration_options()
   if settings.align and not options.is_paper:
     pairs = _registered_pairs(context, post, offset, options)
@@ -161,6 +161,8 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
       worst.append(j.max_displacement_px)
       if not np.isnan(j.residual_px):
         residuals.append(j.residual_px)
+      if not np.isnan(j.levels_changed):
+        changed.append(j.levels_changed)
     elif j is None:
       excluded.append({**where, "reason": "no contrast slice within half a slice of the corrected table position"})
       continue
@@ -217,6 +219,8 @@ def _convert_pair(context: CaseContext, post: dicom_io.Volume, out_path: pathlib
   if residuals:
     stats["residual_px_mean"] = round(float(np.mean(residuals)), 3)
     stats["residual_px_max"] = round(float(np.max(residuals)), 3)
+  if changed:  # through_plane='local': the share of body pixels that took another level or shift than the nearest
+    stats["levels_changed_mean"] = round(float(np.mean(changed)), 3)
   return stats
 
 
