@@ -175,6 +175,9 @@ def resample_mask(masks: np.ndarray, u: float) -> np.ndarray:
   return ((1.0 - w) * _signed_distance(a) + w * _signed_distance(b) < 0).astype(np.float32)
 
 
+LOCAL_WORK_MM = 1.5  # the 'local' choice is made on images with pixels of at least this size (then upsampled)
+
+
 def local_levels(pre_hu: np.ndarray, candidates: list[np.ndarray], centre: int, body_mask: np.ndarray,
                  pixel_spacing_mm: float, options: Options) -> np.ndarray:
   """int (H, W): for each pixel, which of `candidates` (contrast slices at neighbouring levels, on the non-contrast
@@ -185,13 +188,74 @@ def local_levels(pre_hu: np.ndarray, candidates: list[np.ndarray], centre: int, 
   sigma = options.local_sigma_mm / pixel_spacing_mm
   inside = body_mask > 0
   weight = cv2.GaussianBlur(inside.astype(np.float32), (0, 0), sigma) + 1e-6
-  costs = []
+  best = np.full(pre_hu.shape, np.inf, np.float32)
+  choice = np.full(pre_hu.shape, centre, np.int32)
   for k, c in enumerate(candidates):
     diff = np.abs(np.clip(c.astype(np.float32), lo, hi) - reference) * inside
     cost = cv2.GaussianBlur(diff, (0, 0), sigma) / weight  # the mean difference over the body part of the region
-    costs.append(cost if k == centre else cost + options.local_margin_hu)
-  choice = np.argmin(np.stack(costs), axis=0)
+    if k != centre:
+      cost += options.local_margin_hu
+    better = cost < best
+    best[better] = cost[better]
+    choice[better] = k
   return np.where(inside, choice, centre)
+
+
+def _scaled_warp(warp: np.ndarray, fx: float, fy: float) -> np.ndarray:
+  """An inverse-map affine warp of full-resolution pixels, for images downsampled by (fx, fy) (pixel centres)."""
+  d = np.array([fx, fy])
+  half = np.array([0.5, 0.5])
+  a = warp[:, :2] / d[:, None] * d[None, :]
+  t = (warp[:, :2] @ (d * half - half) + warp[:, 2] + half) / d - half
+  return np.concatenate([a, t[:, None]], axis=1)
+
+
+def local_slice(pre_slice: np.ndarray, post_hu: np.ndarray, levels: list[tuple[int, float, float]], centre: int,
+                warp: np.ndarray, body_mask: np.ndarray, pixel_spacing_mm: float, options: Options, fill_hu: int,
+                carry: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+  """'local' for one non-contrast slice: the choice among `levels` ((contrast slice, dx, dy) after `warp`) made on
+  images of at least `LOCAL_WORK_MM` pixels, then each pixel filled from its candidate warped at full resolution
+  (bicubic: a thin enhancing rim keeps more of its contrast than under bilinear). Returns the int16 contrast slice,
+  the choice (H, W), and the carried volumes' slices moved the same way (bilinear)."""
+  h, w = pre_slice.shape
+  factor = max(1.0, LOCAL_WORK_MM / pixel_spacing_mm)
+  small = (max(8, round(w / factor)), max(8, round(h / factor)))
+  fx, fy = w / small[0], h / small[1]
+
+  def moved(image, k_warp, size, interpolation, border):
+    return cv2.warpAffine(image.astype(np.float32), k_warp, size, flags=interpolation | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=float(border))
+
+  def shifted(m, dx, dy):
+    m = m.copy()
+    m[:, 2] += (dx, dy)  # WARP_INVERSE_MAP: samples the source (dx, dy) px further: the image moves by -(dx, dy)
+    return m
+
+  full = warp.astype(np.float64)
+  if factor > 1.0:
+    low = _scaled_warp(full, fx, fy)
+    shrink = lambda image: cv2.resize(image.astype(np.float32), small, interpolation=cv2.INTER_AREA)  # noqa: E731
+    sources = {k: shrink(post_hu[k]) for k in {k for k, _, _ in levels}}
+    candidates = [moved(sources[k], shifted(low, dx / fx, dy / fy), small, cv2.INTER_LINEAR, fill_hu)
+                  for k, dx, dy in levels]
+    choice = local_levels(shrink(pre_slice), candidates, centre, shrink(body_mask) > 0.5,
+                          pixel_spacing_mm * (fx + fy) / 2, options)
+    choice = cv2.resize(choice.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    choice[body_mask == 0] = centre
+  else:
+    candidates = [moved(post_hu[k], shifted(full, dx, dy), (w, h), cv2.INTER_CUBIC, fill_hu) for k, dx, dy in levels]
+    choice = local_levels(pre_slice, candidates, centre, body_mask, pixel_spacing_mm, options)
+  out = np.zeros((h, w), np.float32)
+  carried = [np.zeros((h, w), np.float32) for _ in carry]
+  for c in np.unique(choice):
+    k, dx, dy = levels[c]
+    m = shifted(full, dx, dy)
+    where = choice == c
+    image = candidates[c] if factor == 1.0 else moved(post_hu[k], m, (w, h), cv2.INTER_CUBIC, fill_hu)
+    out[where] = image[where]
+    for volume, dst in zip(carry, carried):
+      dst[where] = moved(volume[k], m, (w, h), cv2.INTER_LINEAR, 0.0)[where]
+  return np.clip(np.rint(out), -32768, 32767).astype(np.int16), choice, carried
 
 
 def _signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -375,13 +439,6 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
     p.shift_px, p.ecc_score = result.shift_px, result.ecc_score
     h, w = pre_hu.shape[1:]
 
-    def warped(image, border, dx=0.0, dy=0.0, interpolation=cv2.INTER_LINEAR):
-      warp = result.warp.astype(np.float64).copy()
-      warp[:, 2] += (dx, dy)  # WARP_INVERSE_MAP: samples the source (dx, dy) px further: the image moves by -(dx, dy)
-      return cv2.warpAffine(image.astype(np.float32), warp, (w, h), flags=interpolation | cv2.WARP_INVERSE_MAP,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=float(border))
-
-    choice = None
     if options.through_plane == "local":
       j = int(u[i])
       reach = max(1, int(round(options.local_reach_mm / post_dz)))
@@ -389,20 +446,19 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
       shifts = [(0.0, 0.0)] + ([(step, 0.0), (-step, 0.0), (0.0, step), (0.0, -step)] if step > 0 else [])
       levels = [(k, dx, dy) for k in range(j - reach, j + reach + 1) if 0 <= k < len(post_hu) for dx, dy in shifts]
       centre = levels.index((j, 0.0, 0.0))
-      # Bicubic: a thin enhancing rim (kidney cortex, a vessel) keeps more of its contrast than under bilinear.
-      candidates = [np.clip(np.rint(warped(post_hu[k], fill_hu, dx, dy, cv2.INTER_CUBIC)), -32768, 32767)
-                    .astype(np.int16) for k, dx, dy in levels]
-      choice = local_levels(pre_hu[i], candidates, centre, body_masks[i], pixel_spacing_mm, options)
-      p.post_hu = np.take_along_axis(np.stack(candidates), choice[None], axis=0)[0]
+      p.post_hu, choice, moved = local_slice(pre_hu[i], post_hu, levels, centre, result.warp, body_masks[i],
+                                             pixel_spacing_mm, options, fill_hu, carry)
       p.levels_changed = float(np.mean(choice[body_masks[i] > 0] != centre)) if body_masks[i].any() else 0.0
+      stacked[i] = p.post_hu
+      for out, m in zip(carried, moved):
+        out[i] = m
+      continue
     stacked[i] = p.post_hu
+    h, w = pre_hu.shape[1:]
     for volume, out in zip(carry, carried):
-      if choice is not None:
-        moved = np.stack([warped(volume[k], 0.0, dx, dy) for k, dx, dy in levels])
-        out[i] = np.take_along_axis(moved, choice[None], axis=0)[0]
-        continue
       moved = resample_mask(volume, u[i]) if options.through_plane == "resample" else resample_slice(volume, u[i])
-      out[i] = warped(moved, 0.0)
+      out[i] = cv2.warpAffine(moved, result.warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
   seconds = 0.0
   paired = [p.index for p in pairs if p.excluded is None]
   if options.deformable != "none" and len(paired) >= 2:
