@@ -11,11 +11,11 @@ contrast phase's organ masks travel through exactly the transforms the converter
   residual_mm:  per organ, 3-D distance between the two masks' centroids (mm);
   kept:         slices that pass the 6 px rule (the residual with the deformable step);
   s/case:       alignment time per case and phase (offset estimate + pairing + ECC + deformable step);
-  kept:         per phase and enhancing organ, the enhancement the aligned pairs keep: over the non-contrast organ
-                mask of the paired slices, sum(paired contrast HU - non-contrast HU) / sum(the same with the contrast
-                series the phantom renders without motion). 1 when the pairs show each organ's true enhancement
-                where the non-contrast slice has the organ; a model trained on the pairs learns from that share (the
-                rest of the organ's pixels teach it "no enhancement").
+  enhancement kept: per phase and enhancing organ, the enhancement the aligned pairs keep: over the non-contrast organ
+                mask of the paired slices, sum(paired contrast HU - non-contrast HU) / sum(the same with the
+                contrast series the phantom renders without motion). 1 when the pairs show each organ's true
+                enhancement where the non-contrast slice has the organ; a model trained on the pairs learns from
+                that share (the rest of the organ's pixels teach it "no enhancement").
 The input is `data_prep.phantom.synthesize_case` in memory (the same arrays the DICOM files hold).
 """
 

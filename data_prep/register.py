@@ -119,7 +119,8 @@ class SlicePair:
   ecc_score: float = float("nan")
   excluded: str | None = None  # reason, when the slice has no pair
   has_partner: bool = True  # False: no contrast data at its corrected table position
-  levels_changed: float = float("nan")  # through_plane='local': share of body pixels that took a neighbour slice
+  levels_changed: float = float("nan")  # through_plane='local': share of body pixels that took another candidate
+  # (a neighbouring slice, or a shifted one) than the nearest slice
 
   @property
   def rule_px(self) -> float:
@@ -437,8 +438,6 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
     p.post_hu, p.misalignment_px, p.max_displacement_px = result.post_hu, result.misalignment_px, \
         result.max_displacement_px
     p.shift_px, p.ecc_score = result.shift_px, result.ecc_score
-    h, w = pre_hu.shape[1:]
-
     if options.through_plane == "local":
       j = int(u[i])
       reach = max(1, int(round(options.local_reach_mm / post_dz)))

@@ -253,10 +253,9 @@ class DualPathGAN(contrast.ContrastMethod):
           flow = nnx.merge(r_def, r_params)(v, post)
           compared = registration_lib.warp(v, flow)
           terms[f"g_smooth_{path}"] = registration_lib.smoothness(flow)
-          terms[f"g_pixel_{path}"] = (g_weights.pixel_loss(compared, post, pre_center)
-                                      + smooth_weight * terms[f"g_smooth_{path}"])
-        else:
-          terms[f"g_pixel_{path}"] = g_weights.pixel_loss(v, post, pre_center)
+        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(compared, post, pre_center)
+        if registering:
+          terms[f"g_pixel_{path}"] += smooth_weight * terms[f"g_smooth_{path}"]
         adv = perc = None
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
