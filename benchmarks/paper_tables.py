@@ -15,7 +15,8 @@ For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`
   <workdir>/report/table2.md    per phase: each ablation, proposed and identity (Table 2)
   <workdir>/report/tables.json  every overall number of every run
 
-Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared),
+Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared; one
+more under `<workdir>/window_W<width>_L<level>/` for each other CT window of the phases: the arterial `:demo`),
 `<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
 finished (`done.json`) and evaluates again. `--dry_run` checks the machinery: the smoke variant, 2 steps per run.
 
@@ -81,14 +82,30 @@ def _override(config, assignments: list[str]) -> None:
       target[name] = value
 
 
-def shared_inputs(args) -> tuple[str, str]:
-  """(data.dir, pretext checkpoint) made once under the work directory for every run."""
+def shared_inputs(args) -> tuple[str, dict]:
+  """(data.dir, {phase: pretext checkpoint}) made once under the work directory for every run.
+
+  One pretext encoder per CT window (`data.window`): under `<workdir>/pretrain` for the first phase's window, under
+  `<workdir>/window_W<width>_L<level>/pretrain` for another (the arterial `:demo` has its own window).
+  """
+  from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
   from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
 
   config = row_config("proposed", args.phases[0], args.variant)
   _override(config, args.set)
   config = runtime.prepare_inputs(config, args.workdir)
-  return config.data.dir, config.perceptual.pretext_checkpoint
+  data_dir, first_window = config.data.dir, config.data.window.to_dict()
+  pretexts = {}
+  for phase in args.phases:
+    config = row_config("proposed", phase, args.variant)
+    _override(config, args.set)
+    window = config.data.window.to_dict()
+    workdir = args.workdir if window == first_window else os.path.join(
+        args.workdir, f"window_W{window['width']:g}_L{window['level']:g}")
+    with config.unlocked():
+      config.data.dir = data_dir
+    pretexts[phase] = pretrain.ensure_pretext_checkpoint(config, workdir)
+  return data_dir, pretexts
 
 
 def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
@@ -230,7 +247,7 @@ def main():
 
 def run_tables(args, start: float) -> dict:
   """Trains and evaluates every (phase, row) of `args`; writes the tables under `args.workdir/report`."""
-  data_dir, pretext = shared_inputs(args)
+  data_dir, pretexts = shared_inputs(args)
   results = {}
   for phase in args.phases:
     results[phase] = {}
@@ -238,7 +255,7 @@ def run_tables(args, start: float) -> dict:
       if args.finished_only and not os.path.exists(os.path.join(args.workdir, phase, row, "done.json")):
         continue
       print(f"[{time.time() - start:7.0f} s] {phase} / {row}", flush=True)
-      results[phase][row] = run_one(row, phase, args, data_dir, pretext)
+      results[phase][row] = run_one(row, phase, args, data_dir, pretexts[phase])
       mae = results[phase][row]["overall"]
       print(f"    MAE {mae['model']['hu/mae']['mean']:.1f} HU (identity {mae['identity']['hu/mae']['mean']:.1f}); "
             f"{results[phase][row]['timings']}", flush=True)

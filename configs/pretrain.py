@@ -5,11 +5,15 @@ Variants (`--config=configs/pretrain.py:smoke`):
     `data.dir` is set, else on in-memory phantom cases.
   * `smoke` / `demo`: the networks of `configs/<phase>.py:smoke` / `:demo` (configs/variants.py), so that a pretext
     checkpoint of one fits the other; `smoke` pretrains at 64 px for a few dozen steps, end to end on the CPU.
+    `demo` pretrains with the window of `configs/arterial.py:demo`; `demo,portal` (or `demo,delayed`) with that
+    phase's `:demo` window (`variants.DEMO_WINDOWS`: the arterial demo has its own).
   * `clip`: the authors' variant, scaled intensities clipped at 1.
 """
 
 from configs import default
 from configs import variants
+
+PHASES = ("arterial", "portal", "delayed")
 
 
 def get_config(arg: str | None = None):
@@ -18,10 +22,13 @@ def get_config(arg: str | None = None):
   if arg == "clip":
     config.pretrain.clip = True
     return config
-  if arg not in (None, "", "smoke", "demo"):
-    raise ValueError(f"unknown variant {arg!r} of configs/pretrain.py: use '', 'smoke', 'demo' or 'clip'")
-  variants.apply(config, arg)
-  if arg == "smoke":
+  variant, _, phase = (arg or "").partition(",")
+  if variant not in ("", "smoke", "demo") or (phase and phase not in PHASES):
+    raise ValueError(f"unknown variant {arg!r} of configs/pretrain.py: use '', 'smoke', 'demo' or 'clip', the "
+                     f"first three optionally followed by ',<phase>' (one of {', '.join(PHASES)})")
+  config.phase = phase or config.phase
+  variants.apply(config, variant)
+  if variant == "smoke":
     config.data.image_size = 64
     config.data.phantom.cases = 3
     config.data.phantom.slices = 6

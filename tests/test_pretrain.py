@@ -117,13 +117,29 @@ def test_empty_validation_split_stops_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["smoke", "demo"])
-def test_pretrain_variants_share_the_phase_variants_networks(variant):
-  """A pretext checkpoint of configs/pretrain.py:<variant> must fit configs/<phase>.py:<variant>."""
-  from configs import arterial  # pylint: disable=import-outside-toplevel
+@pytest.mark.parametrize("phase", ["", "arterial", "portal", "delayed"])
+def test_pretrain_variants_share_the_phase_variants_networks_and_window(variant, phase):
+  """A pretext checkpoint of configs/pretrain.py:<variant>[,<phase>] must fit configs/<phase>.py:<variant>
+  (networks and window: the arterial `:demo` has its own window); no phase means arterial."""
+  import importlib  # pylint: disable=import-outside-toplevel
 
-  ours, theirs = pretrain_configs.get_config(variant).model, arterial.get_config(variant).model
-  assert ours.generator.to_dict() == theirs.generator.to_dict()
-  assert ours.classifier.to_dict() == theirs.classifier.to_dict()
+  arg = f"{variant},{phase}" if phase else variant
+  ours = pretrain_configs.get_config(arg)
+  theirs = importlib.import_module(f"configs.{phase or 'arterial'}").get_config(variant)
+  assert ours.model.generator.to_dict() == theirs.model.generator.to_dict()
+  assert ours.model.classifier.to_dict() == theirs.model.classifier.to_dict()
+  assert ours.data.window.to_dict() == theirs.data.window.to_dict()
+
+
+def test_demo_windows_arterial_wider_others_the_papers():
+  from configs import arterial, delayed, portal  # pylint: disable=import-outside-toplevel
+
+  assert arterial.get_config("demo").data.window.to_dict() == {"level": 130.0, "width": 600.0}
+  for module in (portal, delayed):
+    assert module.get_config("demo").data.window.to_dict() == {"level": 30.0, "width": 400.0}
+  assert arterial.get_config().data.window.to_dict() == {"level": 30.0, "width": 400.0}  # the paper's
+  with pytest.raises(ValueError, match="unknown variant 'demo,venous'"):
+    pretrain_configs.get_config("demo,venous")
 
 
 def test_pretrain_reaches_high_validation_accuracy(trained):
