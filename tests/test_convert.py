@@ -411,3 +411,4 @@ def test_a_lone_series_of_unknown_phase_says_how_to_name_it_and_leaves_no_debris
   assert "nothing converted" in err and "--series_csv" in err and "--phase_rules" in err
   assert len([line for line in err.splitlines() if "error" in line]) == 1 and "Traceback" not in err
   assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no .cache/, no empty phase folders
+  assert not (tmp_path / "out.hmac_key").exists()  # the key made for this run pseudonymised nothing

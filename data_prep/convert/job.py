@@ -134,6 +134,7 @@ def run(settings: Settings, overwrite: bool = False, emit_progress=None) -> dict
   out = pathlib.Path(settings.output).resolve()
   rules = settings.phase_rules_of()
   out.mkdir(parents=True, exist_ok=True)
+  new_key = not settings.key_file and not privacy.default_key_path(out).exists()
   key, key_path = privacy.load_or_create_key(out, settings.key_file)
   t0 = time.time()
 
@@ -170,6 +171,8 @@ def run(settings: Settings, overwrite: bool = False, emit_progress=None) -> dict
   if total == 0:
     for phase in settings.phases:  # empty shards and metadata: nothing a reader could use
       shutil.rmtree(out / phase, ignore_errors=True)
+    if new_key:  # a key made for this run pseudonymised nothing
+      key_path.unlink(missing_ok=True)
     raise ValueError(shards.nothing_converted(manifest))
   return manifest
 
