@@ -159,8 +159,14 @@ def test_outside_window_keeps_input_hu(predictor):
 
 def test_blend_weight_edges():
   window = hu_lib.Window(30, 400)
-  w = hu_lib.blend_weight(np.array([-1000, -170, -150, -130, 30, 190, 230, 231]), window)
-  np.testing.assert_allclose(w, [0, 0, 0.5, 1, 1, 1, 0, 0], atol=1e-6)
+  w = hu_lib.blend_weight(np.array([-1000, -170, -150, -130, 30, 110, 130, 150, 190, 230, 231]), window)
+  np.testing.assert_allclose(w, [0, 0, 0.5, 1, 1, 1, 0.5, 0, 0, 0, 0], atol=1e-6)
+  # A wide window keeps the non-contrast bone too (no soft tissue is 150 HU dense before contrast).
+  wide = hu_lib.Window(330, 1000)
+  w = hu_lib.blend_weight(np.array([-70, 60, 110, 130, 150, 400, 700, 830]), wide)
+  np.testing.assert_allclose(w, [1, 1, 1, 0.5, 0, 0, 0, 0], atol=1e-6)
+  np.testing.assert_array_equal(hu_lib.blend_weight(np.array([60, 140, 700], np.int16), wide),
+                                hu_lib.blend_weight(np.array([60.0, 140.0, 700.0]), wide))  # the int16 table
 
 
 # ---------------------------------------------------------------- real third-party files

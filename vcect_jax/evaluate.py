@@ -13,9 +13,9 @@ From model output to HU (the rule every HU metric uses, the same as inference's,
 series a user gets):
   The generator sees and produces the W400/L30 window only. The virtual image in HU is the prediction clipped to
   the window and mapped back to HU wherever the current non-contrast slice lies well inside the window; outside it
-  (air, lung, bone, metal: tissue that contrast does not change and the window cannot express) it is the
-  non-contrast HU, with a smooth transition over the 10 % of the window next to each edge
-  (`vcect_jax.hu.keep_input_outside_window`). See `virtual_hu`.
+  (air, lung, bone, metal: tissue that contrast does not change and the window cannot express) and wherever the
+  non-contrast slice is 150 HU or more (bone, calcium: `hu.BONE_HU`) it is the non-contrast HU, with smooth
+  transitions (`vcect_jax.hu.keep_input_outside_window`). See `virtual_hu`.
 
 What a case's numbers are (the definitions of each metric are in `vcect_jax.metrics`):
   paper:          paper mode per slice (8-bit windowed images), averaged over the case's slices;
@@ -158,7 +158,7 @@ def virtual_hu(prediction: np.ndarray, pre_hu: np.ndarray, window: hu.Window) ->
 
   Returns:
     float32 HU: `pre + w * (virtual - pre)`, with `virtual` the prediction clipped to the window and mapped to HU,
-    and `w = hu.blend_weight(pre_hu, window)` (0 outside the window, 1 more than 10 % of its width inside).
+    and `w = hu.blend_weight(pre_hu, window)` (0 outside the window and on bone, 1 well inside it).
   """
   return hu.keep_input_outside_window(hu.model_to_hu(np.asarray(prediction, np.float32), window), pre_hu, window)
 

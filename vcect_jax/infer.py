@@ -23,12 +23,13 @@ The HU rule (why: the model was trained on windowed images, so it knows nothing 
   default) and mapped back to HU. Each output pixel is then a blend of the virtual and the input value, chosen by
   the *input* HU ``x``, with ``low``/``high`` the window edges and ``m = hu.BLEND_FRACTION * width`` (40 HU):
 
-      w(x) = smoothstep((x - low) / m) * smoothstep((high - x) / m),   smoothstep(t) = 3t^2 - 2t^3 on [0, 1]
-      out  = w * virtual + (1 - w) * input
+      w(x) = smoothstep((x - low) / m) * smoothstep((high - x) / m) * smoothstep((150 - x) / 40),
+      smoothstep(t) = 3t^2 - 2t^3 on [0, 1],     out = w * virtual + (1 - w) * input
 
-  so that input pixels outside the window (air, lung, bone, metal, dense calcium, pixel padding) are kept exactly
-  (w = 0), pixels more than ``m`` inside it are fully virtual (w = 1), and the transition is smooth. Enhancement is
-  therefore bounded by the window's upper edge: a virtual vessel is at most ``high`` HU.
+  so that input pixels outside the window (air, lung, metal, pixel padding) and non-contrast pixels of 150 HU or
+  more (bone, dense calcium, oral contrast: `hu.BONE_HU`, whatever the window) are kept exactly (w = 0), pixels more
+  than ``m`` inside the window and below 110 HU are fully virtual (w = 1), and the transitions are smooth.
+  Enhancement is bounded by the window's upper edge: a virtual vessel is at most ``high`` HU.
 
 Bad input (a dedicated `InferenceError` with a message; the command prints it and exits with status 2):
   no DICOM or no CT under the input; several candidate series and no `--series_uid` (the series are listed);
