@@ -83,28 +83,21 @@ def _override(config, assignments: list[str]) -> None:
 
 
 def shared_inputs(args) -> tuple[str, dict]:
-  """(data.dir, {phase: pretext checkpoint}) made once under the work directory for every run.
-
-  One pretext encoder per CT window (`data.window`): under `<workdir>/pretrain` for the first phase's window, under
-  `<workdir>/window_W<width>_L<level>/pretrain` for another (the arterial `:demo` has its own window).
-  """
+  """(data.dir, {phase: pretext checkpoint}) made once under the work directory for every run: one pretext encoder
+  per CT window (`pretrain.pretext_per_window`; the arterial `:demo` has its own window)."""
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
-  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
 
   config = row_config("proposed", args.phases[0], args.variant)
   _override(config, args.set)
-  config = runtime.prepare_inputs(config, args.workdir)
-  data_dir, first_window = config.data.dir, config.data.window.to_dict()
-  pretexts = {}
+  data_dir = prepare.ensure_dataset(config.copy_and_resolve_references(), args.workdir)
+  pretexts, made = {}, {}
   for phase in args.phases:
     config = row_config("proposed", phase, args.variant)
     _override(config, args.set)
-    window = config.data.window.to_dict()
-    workdir = args.workdir if window == first_window else os.path.join(
-        args.workdir, f"window_W{window['width']:g}_L{window['level']:g}")
     with config.unlocked():
       config.data.dir = data_dir
-    pretexts[phase] = pretrain.ensure_pretext_checkpoint(config, workdir)
+    pretexts[phase] = pretrain.pretext_per_window(config, args.workdir, made)
   return data_dir, pretexts
 
 

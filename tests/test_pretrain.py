@@ -131,6 +131,23 @@ def test_pretrain_variants_share_the_phase_variants_networks_and_window(variant,
   assert ours.data.window.to_dict() == theirs.data.window.to_dict()
 
 
+def test_pretext_per_window_one_encoder_per_window(monkeypatch, tmp_path):
+  """Phases that share a data set share a pretext encoder only where their windows agree (the arterial `:demo` has
+  its own): the notebooks' `train_phases` and `benchmarks.paper_tables` pretrain through this."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  calls = []
+  monkeypatch.setattr(pretrain, "ensure_pretext_checkpoint",
+                      lambda config, workdir: calls.append(workdir) or os.path.join(workdir, "pretrain", "pretext"))
+  made, paths = {}, {}
+  for phase in ("arterial", "portal", "delayed"):
+    config = importlib.import_module(f"configs.{phase}").get_config("demo")
+    paths[phase] = pretrain.pretext_per_window(config, str(tmp_path), made)
+  assert calls == [str(tmp_path), str(tmp_path / "window_W400_L30")]  # each window pretrained once
+  assert paths["portal"] == paths["delayed"] != paths["arterial"] == str(tmp_path / "pretrain" / "pretext")
+  assert set(made) == {(130.0, 600.0), (30.0, 400.0)}
+
+
 def test_demo_windows_arterial_wider_others_the_papers():
   from configs import arterial, delayed, portal  # pylint: disable=import-outside-toplevel
 

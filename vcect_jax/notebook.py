@@ -140,25 +140,30 @@ def latest_checkpoint_step(workdir: str) -> int | None:
 def train_phases(checkpoints: Mapping[str, str], variant: str, workdir: str,
                  overrides: Mapping[str, object] | None = None) -> dict[str, str]:
   """A checkpoint per contrast phase: the given ones, and `configs/<phase>.py:<variant>` (with `overrides`)
-  trained on the embedded phantom for the phases given as "" (one phantom dataset and one pretext encoder under
-  `workdir`, shared by the phases; a phase already trained under `<workdir>/<phase>` is reused).
+  trained on the embedded phantom for the phases given as "" (one phantom dataset under `workdir`, shared by the
+  phases, and one pretext encoder per CT window: `pretrain.pretext_per_window`; a phase already trained under
+  `<workdir>/<phase>` is reused).
 
   Returns phase -> checkpoint path (a training work directory).
   """
-  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
 
-  out, shared = {}, None
+  out, data_dir, pretexts = {}, None, {}
   for phase, path in checkpoints.items():
     if path:
       out[phase] = path
       continue
     spec = f"configs/{phase}.py:{variant}" if variant else f"configs/{phase}.py"
     config = load_config(spec, overrides)
-    if shared is None:
+    if data_dir is None:
       _log_info()
-      resolved = runtime.prepare_inputs(config, workdir)
-      shared = {"data.dir": resolved.data.dir,
-                "perceptual.pretext_checkpoint": resolved.perceptual.pretext_checkpoint}
+      data_dir = prepare.ensure_dataset(config.copy_and_resolve_references(), workdir)
+    shared = {"data.dir": data_dir}
+    needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
+    if needs_pretext and not (overrides or {}).get("perceptual.pretext_checkpoint"):
+      shared["perceptual.pretext_checkpoint"] = pretrain.pretext_per_window(
+          load_config(spec, {**(overrides or {}), **shared}), workdir, pretexts)
     config = load_config(spec, {**(overrides or {}), **shared})
     out[phase] = os.path.join(workdir, phase)
     run(config, out[phase])
