@@ -87,6 +87,7 @@ def shared_inputs(args) -> tuple[str, dict]:
   per CT window (`pretrain.pretext_per_window`; the arterial `:demo` has its own window)."""
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
 
   config = row_config("proposed", args.phases[0], args.variant)
   _override(config, args.set)
@@ -97,7 +98,8 @@ def shared_inputs(args) -> tuple[str, dict]:
     _override(config, args.set)
     with config.unlocked():
       config.data.dir = data_dir
-    pretexts[phase] = pretrain.pretext_per_window(config, args.workdir, made)
+    pretexts[phase] = (pretrain.pretext_per_window(config, args.workdir, made) if runtime.pretrains_first(config)
+                       else config.perceptual.pretext_checkpoint)
   return data_dir, pretexts
 
 

@@ -12,8 +12,7 @@ Variants (`--config=configs/pretrain.py:smoke`):
 
 from configs import default
 from configs import variants
-
-PHASES = ("arterial", "portal", "delayed")
+from configs.ablations import PHASES
 
 
 def get_config(arg: str | None = None):

@@ -148,23 +148,20 @@ def train_phases(checkpoints: Mapping[str, str], variant: str, workdir: str,
   """
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from vcect_jax import runtime  # pylint: disable=g-import-not-at-top
 
   out, data_dir, pretexts = {}, None, {}
   for phase, path in checkpoints.items():
     if path:
       out[phase] = path
       continue
-    spec = f"configs/{phase}.py:{variant}" if variant else f"configs/{phase}.py"
-    config = load_config(spec, overrides)
+    config = load_config(f"configs/{phase}.py:{variant}" if variant else f"configs/{phase}.py", overrides)
     if data_dir is None:
       _log_info()
       data_dir = prepare.ensure_dataset(config.copy_and_resolve_references(), workdir)
-    shared = {"data.dir": data_dir}
-    needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
-    if needs_pretext and not (overrides or {}).get("perceptual.pretext_checkpoint"):
-      shared["perceptual.pretext_checkpoint"] = pretrain.pretext_per_window(
-          load_config(spec, {**(overrides or {}), **shared}), workdir, pretexts)
-    config = load_config(spec, {**(overrides or {}), **shared})
+    config.data.dir = data_dir
+    if runtime.pretrains_first(config):
+      config.perceptual.pretext_checkpoint = pretrain.pretext_per_window(config, workdir, pretexts)
     out[phase] = os.path.join(workdir, phase)
     run(config, out[phase])
   return out

@@ -58,6 +58,13 @@ def initialize(config) -> None:
     pass
 
 
+def pretrains_first(config) -> bool:
+  """Whether a run of `config` pretrains a pretext encoder before it starts: GAN training with the perceptual loss
+  or the pretext initialisation, and no `perceptual.pretext_checkpoint` named."""
+  needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
+  return config.mode == "train" and needs_pretext and not config.perceptual.pretext_checkpoint
+
+
 def prepare_inputs(config, workdir: str):
   """The inputs a training run reads, made when the config does not name them; returns the resolved config.
 
@@ -71,8 +78,7 @@ def prepare_inputs(config, workdir: str):
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.dir = prepare.ensure_dataset(config, workdir)
-    needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
-    if config.mode == "train" and needs_pretext and not config.perceptual.pretext_checkpoint:
+    if pretrains_first(config):
       from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
 
       config.perceptual.pretext_checkpoint = pretrain.ensure_pretext_checkpoint(config, workdir)
@@ -90,8 +96,7 @@ def check_config(config) -> None:
 
   to_check = []  # (method, the field of its batch size)
   config = config.copy_and_resolve_references()
-  needs_pretext = config.loss.use_perceptual or config.perceptual.init_generator
-  if config.mode == "train" and needs_pretext and not config.perceptual.pretext_checkpoint:
+  if pretrains_first(config):
     pretext_config = config.copy_and_resolve_references()
     with pretext_config.unlocked():
       pretext_config.mode = "pretrain"
