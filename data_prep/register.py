@@ -241,7 +241,7 @@ def local_slice(pre_slice: np.ndarray, post_hu: np.ndarray, levels: list[tuple[i
                   for k, dx, dy in levels]
     choice = local_levels(shrink(pre_slice), candidates, centre, shrink(body_mask) > 0.5,
                           pixel_spacing_mm * (fx + fy) / 2, options)
-    choice = cv2.resize(choice.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    choice = cv2.resize(choice.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
     choice[body_mask == 0] = centre
   else:
     candidates = [moved(post_hu[k], shifted(full, dx, dy), (w, h), cv2.INTER_CUBIC, fill_hu) for k, dx, dy in levels]
