@@ -15,7 +15,9 @@ contrast phase's organ masks travel through exactly the transforms the converter
                 mask of the paired slices, sum(paired contrast HU - non-contrast HU) / sum(the same with the
                 contrast series the phantom renders without motion). 1 when the pairs show each organ's true
                 enhancement where the non-contrast slice has the organ; a model trained on the pairs learns from
-                that share (the rest of the organ's pixels teach it "no enhancement").
+                that share (the rest of the organ's pixels teach it "no enhancement"). With `--record_size N`
+                it is measured on the N-pixel slices the converter writes (HU area-averaged, labels nearest, as
+                `data_prep.slices.resize_square` does): what a model of that size learns from (the demo's 64 px).
 The input is `data_prep.phantom.synthesize_case` in memory (the same arrays the DICOM files hold).
 """
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from data_prep import align
 from data_prep import register
+from data_prep import slices
 from data_prep.phantom import anatomy
 from data_prep.phantom import cases as phantom_cases
 
@@ -66,9 +69,11 @@ def organ_scores(warped: np.ndarray, reference: np.ndarray, slices: np.ndarray, 
 KEPT_ORGANS = ("aorta", "portal_vein", "liver", "spleen", "kidney_cortex", "collecting_system")
 
 
-def measure_case(case, option: register.Options, max_misalignment_px: float = 6.0, still=None) -> dict:
+def measure_case(case, option: register.Options, max_misalignment_px: float = 6.0, still=None,
+                 record_size: int = 0) -> dict:
   """Per phase: organ -> (dice, residual_mm), kept slices, seconds; with `still` (the same case without motion)
-  also organ -> (sum of the pairs' enhancement, sum of the true enhancement) over the non-contrast organ mask."""
+  also organ -> (sum of the pairs' enhancement, sum of the true enhancement) over the non-contrast organ mask, on
+  slices resized to `record_size` pixels as the converter writes them (0: the phantom's own size)."""
   pre = case.hu["non_contrast"]
   masks = [align.body_mask(s) for s in pre]
   pre_labels = case.labels["non_contrast"]
@@ -92,14 +97,19 @@ def measure_case(case, option: register.Options, max_misalignment_px: float = 6.
                   "seconds": seconds, "deformable_seconds": result.deformable_seconds}
     if still is not None:
       enhancement = {name: [0.0, 0.0] for name in KEPT_ORGANS}
+      size = lambda image, nearest=False: (slices.resize_square(image, record_size, nearest, 0)  # noqa: E731
+                                           if record_size else image)
       for p in result.pairs:
         if p.excluded is not None:
           continue
+        labels = size(pre_labels[p.index], nearest=True)
+        base_hu = size(pre[p.index].astype(np.float32))
+        paired, true = size(p.post_hu.astype(np.float32)), size(still.hu[phase][p.index].astype(np.float32))
         for name in KEPT_ORGANS:
-          m = pre_labels[p.index] == anatomy.LABEL_IDS[name]
-          base = pre[p.index][m].astype(np.float64)
-          enhancement[name][0] += float(np.sum(p.post_hu[m] - base))
-          enhancement[name][1] += float(np.sum(still.hu[phase][p.index][m] - base))
+          m = labels == anatomy.LABEL_IDS[name]
+          base = base_hu[m].astype(np.float64)
+          enhancement[name][0] += float(np.sum(paired[m] - base))
+          enhancement[name][1] += float(np.sum(true[m] - base))
       out[phase]["enhancement"] = enhancement
   return out
 
@@ -172,6 +182,9 @@ def main(argv=None):
   parser.add_argument("--slice_thickness", type=float, default=5.0)
   parser.add_argument("--pixel_spacing", type=float, default=3.0)
   parser.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help=f"any of {','.join(OPTIONS)}")
+  parser.add_argument("--record_size", type=int, default=0,
+                      help="measure the enhancement kept on slices resized to this size, as the converter writes "
+                           "them (0: the phantom's size)")
   args = parser.parse_args(argv)
   names = [o for o in args.options.split(",") if o]
   results = {"none (slice i with slice i)": [], **{n: [] for n in names}}
@@ -181,14 +194,15 @@ def main(argv=None):
     still = phantom_cases.synthesize_case(index, args.seed, *geometry, motion_scale=0.0)
     results["none (slice i with slice i)"].append(identity_case(case))
     for name in names:
-      results[name].append(measure_case(case, OPTIONS[name], still=still))
+      results[name].append(measure_case(case, OPTIONS[name], still=still, record_size=args.record_size))
     print(f"case {index} done", flush=True)
   print(f"phantom seed {args.seed}, cases {args.first_case}..{args.first_case + args.cases - 1}, {args.size} px x "
         f"{args.slices} slices, {args.pixel_spacing} mm x {args.slice_thickness} mm; cells: Dice / centroid residual "
         "(mm), mean over cases and the three contrast phases")
   print(table({n: summarize(r) for n, r in results.items()}))
-  print("\nenhancement kept by the pairs (1 = each organ's true enhancement where the non-contrast slice has it), "
-        "pooled over the cases:")
+  where = f" at {args.record_size} px (the records)" if args.record_size else ""
+  print(f"\nenhancement kept by the pairs{where} (1 = each organ's true enhancement where the non-contrast slice has "
+        "it), pooled over the cases:")
   print(kept_table(results))
 
 

@@ -186,11 +186,15 @@ def test_align_bench_enhancement_kept_is_one_without_motion_and_less_with_it(cap
   geometry = (64, 8, 5.0, 6.0)
   still = cases.synthesize_case(0, 3, *geometry, motion_scale=0.0)
   moving = cases.synthesize_case(0, 3, *geometry)
-  def kept(case, organ="liver"):
-    out = align_bench.measure_case(case, register.Options(), still=still)
+  def kept(case, organ="liver", record_size=0):
+    out = align_bench.measure_case(case, register.Options(), still=still, record_size=record_size)
     return [out[p]["enhancement"][organ][0] / out[p]["enhancement"][organ][1] for p in align_bench.PHASES]
   np.testing.assert_allclose(kept(still), 1.0, atol=0.06)  # the true enhancement, but for ECC's interpolation
+  np.testing.assert_allclose(kept(still, record_size=32), 1.0, atol=0.1)   # the same on the records' pixels
   assert min(kept(moving, "kidney_cortex")) < 0.9   # breathing moved the kidneys: part of their enhancement is lost
-  align_bench.main(["--cases", "1", "--size", "64", "--slices", "8", "--pixel_spacing", "6", "--options", "paper,local"])
+  # Measured on the records' pixels (area-averaged HU, nearest labels), another figure than on the phantom's own.
+  assert not np.allclose(kept(moving, "kidney_cortex", record_size=32), kept(moving, "kidney_cortex"), atol=1e-3)
+  align_bench.main(["--cases", "1", "--size", "64", "--slices", "8", "--pixel_spacing", "6", "--options", "paper,local",
+                    "--record_size", "32"])
   printed = capsys.readouterr().out
-  assert "| local | arterial |" in printed and "| paper |" in printed
+  assert "| local | arterial |" in printed and "| paper |" in printed and "at 32 px (the records)" in printed
