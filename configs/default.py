@@ -150,6 +150,10 @@ def get_config() -> ml_collections.ConfigDict:
   # that never enhance). 0: the paper's unweighted term.
   loss.pixel_enhancement_weight = 0.0
   loss.pixel_enhancement_threshold_hu = 50.0  # enhancement (HU) below which a pixel keeps weight 1
+  # The weighting applies only where the non-contrast pixel lies within this HU range (low, high): tissue that can
+  # enhance. Fat, air and bone do not, so a large enhancement there is the pairs' misalignment (a rib or the body's
+  # outline moved), which the weighting would otherwise teach with extra weight. (): every pixel.
+  loss.pixel_enhancement_pre_hu = ()
 
   # Registration of each virtual image onto its real target during training (not in the paper; RegGAN, Kong et al.
   # 2021): a small network warps the virtual image before the pixel term, so that the pairs' misalignment is taken

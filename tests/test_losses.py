@@ -85,3 +85,23 @@ def test_enhancement_weighting_weighs_enhancing_pixels_by_their_enhancement():
   assert float(mixed.pixel_loss(virtual, real, pre)) == pytest.approx(0.11 * (1 + 1 + 3 + 4) / 4)
   with pytest.raises(ValueError, match="pixel_enhancement_weight"):
     losses.GeneratorWeights.from_config(_loss_config(pixel_enhancement_weight=-1.0))
+
+
+def test_enhancement_weighting_skips_non_contrast_pixels_that_cannot_enhance():
+  # W400/L30: the non-contrast range (-20, 150) HU is (-0.25, 0.6) model units. Pixels 0-3 enhance by 200 HU
+  # (1.0 unit) from non-contrast fat (-100 HU), soft tissue (40 HU), soft tissue (100 HU) and bone (200 HU).
+  config = _loss_config(pixel="l1", pixel_enhancement_weight=2.0, pixel_enhancement_pre_hu=(-20.0, 150.0))
+  w = losses.GeneratorWeights.from_config(config, window_width=400.0, window_level=30.0)
+  pre = (jnp.array([-100.0, 40.0, 100.0, 200.0]) - 30.0) / 200.0
+  real = pre + 1.0
+  virtual = real + 0.1
+  # Only the soft-tissue pixels weigh 1 + 2 * 150/100 = 4; fat and bone keep weight 1.
+  assert float(w.pixel_loss(virtual, real, pre)) == pytest.approx(0.1 * (1 + 4 + 4 + 1) / 4)
+  # The range follows the window's level: at L130 the same HU are other model units, the same pixels weigh.
+  w130 = losses.GeneratorWeights.from_config(config, window_width=400.0, window_level=130.0)
+  assert float(w130.pixel_loss(virtual - 0.5, real - 0.5, pre - 0.5)) == pytest.approx(0.1 * (1 + 4 + 4 + 1) / 4)
+  # () (the default): every pixel weighs by its enhancement.
+  everywhere = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0))
+  assert float(everywhere.pixel_loss(virtual, real, pre)) == pytest.approx(0.1 * 4)
+  with pytest.raises(ValueError, match="pixel_enhancement_pre_hu"):
+    losses.GeneratorWeights.from_config(_loss_config(pixel_enhancement_weight=1.0, pixel_enhancement_pre_hu=(150, -20)))

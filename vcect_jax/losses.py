@@ -38,11 +38,14 @@ class GeneratorWeights:
   enhancement_weight: float = 0.0
   enhancement_threshold: float = 0.25
   enhancement_unit: float = 0.5
+  # ... and only where the non-contrast pixel lies within (low, high) (model units): tissue that can enhance. Fat,
+  # air and bone do not; a large real - non-contrast there is the pairs' misalignment, not contrast to learn.
+  enhancement_pre_range: tuple[float, float] = (-jnp.inf, jnp.inf)
 
   @classmethod
-  def from_config(cls, loss_config, window_width: float = 400.0) -> "GeneratorWeights":
-    """From config section `loss`; `window_width` (HU, `config.data.window.width`) converts the enhancement
-    weighting's HU settings to model units (the window's width spans 2 model units)."""
+  def from_config(cls, loss_config, window_width: float = 400.0, window_level: float = 30.0) -> "GeneratorWeights":
+    """From config section `loss`; the window (HU, `config.data.window`) converts the enhancement weighting's HU
+    settings to model units (the window's width spans 2 model units, centred on its level)."""
     kind = str(loss_config.get("pixel", "mse"))
     if kind not in PIXEL_LOSSES:
       raise ValueError(f"loss.pixel must be one of {tuple(PIXEL_LOSSES)}, got {kind!r}")
@@ -56,17 +59,28 @@ class GeneratorWeights:
     if enhancement < 0:
       raise ValueError(f"loss.pixel_enhancement_weight must be >= 0, got {enhancement}")
     units_per_hu = 2.0 / float(window_width)
+    pre_range = tuple(loss_config.get("pixel_enhancement_pre_hu", ()) or ())
+    if not pre_range:
+      pre_range = (-jnp.inf, jnp.inf)
+    else:
+      if len(pre_range) != 2 or not float(pre_range[0]) < float(pre_range[1]):
+        raise ValueError(f"loss.pixel_enhancement_pre_hu must be (low, high) HU with low < high, or () for every "
+                         f"pixel; got {pre_range!r}")
+      pre_range = tuple((float(v) - float(window_level)) * units_per_hu for v in pre_range)
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
                pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup, enhancement_weight=enhancement,
                enhancement_threshold=float(loss_config.get("pixel_enhancement_threshold_hu", 50.0)) * units_per_hu,
-               enhancement_unit=100.0 * units_per_hu)
+               enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range)
 
   def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
     """The pixel term; `pre` (the non-contrast slice, model space, shaped as `real`) is needed only by the
     enhancement weighting, which is skipped without it."""
     if self.enhancement_weight > 0 and pre is not None:
-      w = 1.0 + self.enhancement_weight * jax.nn.relu(real - pre - self.enhancement_threshold) / self.enhancement_unit
+      low, high = self.enhancement_pre_range
+      can_enhance = (pre > low) & (pre < high)
+      w = 1.0 + self.enhancement_weight * jnp.where(
+          can_enhance, jax.nn.relu(real - pre - self.enhancement_threshold) / self.enhancement_unit, 0.0)
       return jnp.mean(jax.lax.stop_gradient(w) * pixel_elementwise(virtual, real, self.pixel_kind,
                                                                    self.pixel_mse_weight))
     if self.pixel_kind == "l1+mse":

@@ -118,7 +118,8 @@ class DualPathGAN(contrast.ContrastMethod):
   def __init__(self, config):
     super().__init__(config)
     self.paths = path_weights(config)
-    self.weights = losses.GeneratorWeights.from_config(config.loss, float(config.data.window.width))
+    self.weights = losses.GeneratorWeights.from_config(config.loss, float(config.data.window.width),
+                                                       float(config.data.window.level))
     self._schedules = None
 
   # ---- configuration
