@@ -19,7 +19,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from vcect_jax import hu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,8 @@ class GeneratorWeights:
       if len(pre_range) != 2 or not float(pre_range[0]) < float(pre_range[1]):
         raise ValueError(f"loss.pixel_enhancement_pre_hu must be (low, high) HU with low < high, or () for every "
                          f"pixel; got {pre_range!r}")
-      pre_range = tuple((float(v) - float(window_level)) * units_per_hu for v in pre_range)
+      window = hu.Window(level=float(window_level), width=float(window_width))
+      pre_range = tuple(float(v) for v in hu.hu_to_model(np.asarray(pre_range, np.float32), window, clip=False))
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
                pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup, enhancement_weight=enhancement,
