@@ -27,3 +27,15 @@ def test_every_panel_gets_its_title_above_the_unchanged_images():
 def test_the_gan_methods_title_their_comparison_grid():
   assert dual_path_gan.DualPathGAN.image_panels["pre_virtual_real_absdiff"] == (
       "non-contrast", "virtual", "real", "|virtual - real|")
+
+
+def test_importing_the_training_step_keeps_tensorflow_out():
+  """clu's writers import TensorFlow; `vcect_jax.train` (the step, used by benchmarks on accelerator machines without
+  TensorFlow) imports them only when a run writes summaries."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import sys; import vcect_jax.train, benchmarks.gpu_bench; "
+          "bad = sorted(m for m in ('tensorflow', 'clu.metric_writers') if m in sys.modules); print(bad); "
+          "sys.exit(1 if bad else 0)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr[-2000:]

@@ -13,8 +13,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from vcect_jax import input_pipeline
@@ -30,6 +28,10 @@ class Writer:
   """One run's summary writer, progress reporter (steps/s) and console ETA."""
 
   def __init__(self, workdir: str, total_steps: int, console_keys=("g_loss", "d_loss")):
+    # clu's writers import TensorFlow: imported here, when a run writes summaries, so that importing the training
+    # step (vcect_jax.train: benchmarks, evaluation, inference) keeps TensorFlow out of the process.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     self.total_steps = total_steps
     self.console_keys = tuple(console_keys)
     self._writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
