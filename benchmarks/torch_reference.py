@@ -14,7 +14,10 @@ losses of `vcect_jax.losses`:
      `set_requires_grad(netD, False)`, as the JAX step differentiates only with respect to the virtual images).
 
 Optimisers: Adam with coupled L2 weight decay (`torch.optim.Adam(weight_decay=...)`, the paper's), betas and
-learning rates from `config.train`. Layout NCHW (PyTorch's default, what the authors' code uses), float32.
+learning rates from `config.train`. Layout NCHW (PyTorch's default, what the authors' code uses), float32; on a
+GPU `benchmarks/gpu_bench.py` also runs it channels-last and under `torch.autocast` bf16 (`amp_dtype`: the
+forward passes in bf16, parameters, optimiser states, losses and the frozen encoder float32, as the JAX side's
+`model.compute_dtype=bfloat16`).
 The one difference that does not change the cost: during the generator's pass through the discriminator the JAX
 step does not keep the BatchNorm running averages, PyTorch updates them.
 
@@ -156,14 +159,18 @@ def perceptual(encoder, virtual, real, weights=(1.0, 1.0, 1.0, 1.0)):
   if both.shape[1] == 1:
     both = both.repeat(1, 3, 1, 1)
   b = virtual.shape[0]
-  feats = encoder(both)[-4:]
+  with torch.autocast(device_type=both.device.type, enabled=False):  # frozen encoder in float32, as in JAX
+    feats = encoder(both.float())[-4:]
   return sum(w * torch.mean(torch.square(f[:b] - f[b:])) for w, f in zip(weights, feats))
 
 
 class DualPathStep:
   """One training step of the dual-path GAN: `metrics = step(pre, post)` on NCHW float32 tensors."""
 
-  def __init__(self, config, generator: Generator, discriminator: Discriminator, encoder: Encoder | None):
+  def __init__(self, config, generator: Generator, discriminator: Discriminator, encoder: Encoder | None,
+               amp_dtype: torch.dtype | None = None):
+    """`amp_dtype` (e.g. torch.bfloat16): the forward passes under `torch.autocast` (mixed precision, parameters
+    and optimiser states float32, losses computed in float32), as the JAX side's `model.compute_dtype`."""
     t = config.train
     if t.weight_decay_mode != "l2":
       raise ValueError("the PyTorch reference implements train.weight_decay_mode='l2' (torch.optim.Adam)")
@@ -185,19 +192,26 @@ class DualPathStep:
     self.perc_weight = float(config.loss.get("perceptual_weight", 1.0))
     self.use_d, self.use_perc = bool(config.loss.use_discriminator), bool(config.loss.use_perceptual)
     self.perc_block_weights = tuple(config.perceptual.weights)
+    self.amp_dtype = amp_dtype
+
+  def _amp(self, x):
+    return torch.autocast(device_type=x.device.type, dtype=self.amp_dtype or torch.float32,
+                          enabled=self.amp_dtype is not None)
 
   def __call__(self, pre, post) -> dict[str, float]:
-    virtual = {"global": self.g(pre)}
-    if "local" in self.paths:
-      virtual["local"] = assemble(self.g(quadrants(pre)))
+    with self._amp(pre):
+      virtual = {"global": self.g(pre).float()}
+      if "local" in self.paths:
+        virtual["local"] = assemble(self.g(quadrants(pre)).float())
     metrics = {}
     if self.use_d:
       for p in self.d.parameters():
         p.requires_grad_(True)
       self.opt_d.zero_grad(set_to_none=True)
-      d_loss = adversarial(self.d(pre, post), 1.0)
-      for path, w in self.paths.items():
-        d_loss = d_loss + w * adversarial(self.d(pre, virtual[path].detach()), 0.0)
+      with self._amp(pre):
+        d_loss = adversarial(self.d(pre, post).float(), 1.0)
+        for path, w in self.paths.items():
+          d_loss = d_loss + w * adversarial(self.d(pre, virtual[path].detach()).float(), 0.0)
       d_loss.backward()
       self.opt_d.step()
       metrics["d_loss"] = d_loss.detach()
@@ -205,14 +219,15 @@ class DualPathStep:
         p.requires_grad_(False)
     self.opt_g.zero_grad(set_to_none=True)
     g_loss = 0.0
-    for path, w in self.paths.items():
-      v = virtual[path]
-      total = self.pixel_weight * torch.mean(torch.square(v - post))
-      if self.use_d:
-        total = total + self.adv_weight * adversarial(self.d(pre, v), 1.0)
-      if self.use_perc:
-        total = total + self.perc_weight * perceptual(self.encoder, v, post, self.perc_block_weights)
-      g_loss = g_loss + w * total
+    with self._amp(pre):
+      for path, w in self.paths.items():
+        v = virtual[path]
+        total = self.pixel_weight * torch.mean(torch.square(v - post))
+        if self.use_d:
+          total = total + self.adv_weight * adversarial(self.d(pre, v).float(), 1.0)
+        if self.use_perc:
+          total = total + self.perc_weight * perceptual(self.encoder, v, post, self.perc_block_weights)
+        g_loss = g_loss + w * total
     g_loss.backward()
     self.opt_g.step()
     metrics["g_loss"] = g_loss.detach()

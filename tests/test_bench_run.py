@@ -78,3 +78,56 @@ def test_torch_training_step_gives_the_jax_losses(tiny):
     assert set(theirs) == {"g_loss", "d_loss"}
     for key in theirs:
       assert theirs[key] == pytest.approx(ours[key], rel=1e-3, abs=1e-5), key
+
+
+def test_bf16_torch_step_tracks_the_float32_one(tiny):
+  """The reference's `torch.autocast` bf16 step (the GPU benchmark's PyTorch side) computes the same losses as its
+  float32 step to bf16 precision, so both frameworks do the same work in `benchmarks/gpu_bench.py`."""
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  config, batch, _, module = tiny
+  losses = {}
+  for amp in (None, torch.bfloat16):
+    gen_cfg = config.model.generator
+    g = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), module.generators.global_net)
+    d = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator),
+                                               module.discriminator)
+    e = torch_reference.frozen_encoder_from_jax(module.encoder, gen_cfg.in_channels, gen_cfg.widths)
+    step = torch_reference.DualPathStep(config, g, d, e, amp_dtype=amp)
+    losses[amp] = {k: float(v) for k, v in step(torch_reference.nchw(batch["pre"]),
+                                                torch_reference.nchw(batch["post"])).items()}
+    if amp is not None:   # the parameters and optimiser states stay float32
+      assert all(p.dtype == torch.float32 for p in g.parameters())
+      assert all(s["exp_avg"].dtype == torch.float32 for s in step.opt_g.state.values())
+  for key in ("g_loss", "d_loss"):
+    assert math.isfinite(losses[torch.bfloat16][key])
+    assert losses[torch.bfloat16][key] == pytest.approx(losses[None][key], rel=0.05), key
+    assert losses[torch.bfloat16][key] != losses[None][key]   # bf16 did run
+
+
+def test_gpu_bench_tiny_mode_gives_both_rows_per_precision():
+  """`benchmarks/gpu_bench.py --tiny` (runs on the CPU too): a train-step and a forward row per precision, finite
+  times, the ratio against the best PyTorch variant, and a FLOP count from XLA's cost analysis."""
+  from benchmarks import gpu_bench  # pylint: disable=g-import-not-at-top
+
+  rows = gpu_bench.main(["--tiny", "--dtypes=float32"] + ([] if run.torch is not None else ["--no_torch"]))
+  assert [(r["measurement"], r["size"], r["dtype"]) for r in rows] == [("train step", 32, "float32"),
+                                                                       ("generator forward", 32, "float32")]
+  for r in rows:
+    assert math.isfinite(r["jax_s"]) and r["jax_s"] > 0
+    assert r["flops"] and r["flops"] > 0
+    assert r["jax_mfu"] == pytest.approx(r["flops"] / r["jax_s"] / 1e12 / gpu_bench.H200_BF16_DENSE_TFLOPS)
+    if run.torch is not None:
+      assert r["ratio_best_torch"] == pytest.approx(r["torch_s"] / r["jax_s"])
+  # the step's FLOPs: forward + backward of both paths and the discriminator: several generator forwards
+  assert rows[0]["flops"] > 3 * rows[1]["flops"]
+
+
+def test_xla_flops_counts_a_convolution():
+  from benchmarks import gpu_bench  # pylint: disable=g-import-not-at-top
+  x, k = np.ones((2, 16, 16, 4), np.float32), np.ones((3, 3, 4, 8), np.float32)
+  flops = gpu_bench.xla_flops(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x, k)
+  # multiply-adds over the taps that fall inside the image (SAME padding: 46 of 48 taps per row and column)
+  assert flops == pytest.approx(2 * 2 * 4 * 8 * (3 * 16 - 2) ** 2, rel=0.01)
