@@ -192,6 +192,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'l2': added to the gradient before Adam, as torch.optim.Adam(weight_decay=...) which the paper used;
   # 'decoupled': AdamW.
   train.weight_decay_mode = "l2"
+  # > 0: the evaluated, exported and inferred generator is an exponential moving average of the trained one's
+  # weights (decay per step, ramped as min(decay, (1 + step) / (10 + step)); BatchNorm statistics copied). 0: off
+  # (the paper: the trained generator itself; checkpoints then hold no average).
+  train.ema_decay = 0.0
   train.log_every = 50                        # steps between scalar summaries (and the finite-loss check)
   train.image_every = 500                     # steps between image grids and perceptual heatmaps
   train.eval_every = 1000                     # steps between validation metrics

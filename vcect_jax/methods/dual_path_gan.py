@@ -49,11 +49,13 @@ class Generators(nnx.Module):
 
 class DualPathGANState(nnx.Module):
   """Everything the dual-path GAN trains (and the frozen encoder it uses), by name; with `registration.enabled`
-  also the registration network and its optimiser (absent otherwise, so that checkpoints keep their layout)."""
+  also the registration network and its optimiser, with `train.ema_decay > 0` the moving average of the global
+  generator (each absent otherwise, so that checkpoints keep their layout)."""
 
   def __init__(self, generators: Generators, discriminator: models.Discriminator, opt_g: nnx.Optimizer,
                opt_d: nnx.Optimizer, encoder: models.Encoder | None,
-               registration: registration_lib.Registration | None = None, opt_r: nnx.Optimizer | None = None):
+               registration: registration_lib.Registration | None = None, opt_r: nnx.Optimizer | None = None,
+               ema: models.Generator | None = None):
     self.generators = generators
     self.discriminator = discriminator
     self.opt_g = opt_g
@@ -62,6 +64,8 @@ class DualPathGANState(nnx.Module):
     if registration is not None:
       self.registration = registration
       self.opt_r = opt_r
+    if ema is not None:
+      self.ema = ema
 
 
 # ------------------------------------------------------------------------------------------------ optimisers
@@ -94,6 +98,18 @@ def make_optimizer(schedule: optax.Schedule, train_config) -> optax.GradientTran
 
 
 # ------------------------------------------------------------------------------------------------ paths
+def ema_decay(config) -> float:
+  return float(config.train.get("ema_decay", 0.0))
+
+
+def update_ema(ema: nnx.Module, live: nnx.Module, decay: float, step) -> None:
+  """`ema`'s parameters <- d * ema + (1 - d) * live's, d = min(decay, (1 + step) / (10 + step)) (early steps follow
+  the live weights closely); BatchNorm running statistics copied from `live` (they are averages already)."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+  averaged = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, nnx.state(ema, nnx.Param), nnx.state(live, nnx.Param))
+  nnx.update(ema, averaged, nnx.state(live, nnx.BatchStat))
+
+
 def path_weights(config) -> dict[str, float]:
   if config.dual_path.enabled:
     return {"global": config.dual_path.global_weight, "local": config.dual_path.local_weight}
@@ -112,7 +128,6 @@ class DualPathGAN(contrast.ContrastMethod):
   """The paper's dual-path GAN as a method of the shared training loop."""
 
   name = "dual_path_gan"
-  generator_key = ("generators", "global_net")
   console_keys = ("g_loss", "d_loss")
 
   def __init__(self, config):
@@ -145,6 +160,8 @@ class DualPathGAN(contrast.ContrastMethod):
       problems.append("perceptual.pretext_checkpoint is empty: run through `python -m vcect_jax.main`, which "
                       "pretrains one, or pretrain with configs/pretrain.py and pass its <workdir>/pretext "
                       "(or set loss.use_perceptual=False and perceptual.init_generator=False)")
+    if not 0.0 <= ema_decay(config) < 1.0:
+      problems.append(f"train.ema_decay={ema_decay(config)} must be in [0, 1) (0: no moving average)")
     if self.registration_enabled:
       r = config.registration
       if not r.smooth_weight >= 0:
@@ -191,7 +208,15 @@ class DualPathGAN(contrast.ContrastMethod):
     if self.registration_enabled:
       reg = registration_lib.Registration(tuple(config.registration.widths), rngs=rngs)
       opt_r = nnx.Optimizer(reg, make_optimizer(g_lr, config.train), wrt=nnx.Param)
-    return DualPathGANState(gens, disc, opt_g, opt_d, encoder, reg, opt_r)
+    ema = None
+    if self.ema_enabled:  # a copy with its own buffers (the jitted step donates the whole state)
+      ema = nnx.clone(gens.global_net)
+      nnx.update(ema, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(ema)))
+    return DualPathGANState(gens, disc, opt_g, opt_d, encoder, reg, opt_r, ema)
+
+  @property
+  def ema_enabled(self) -> bool:
+    return ema_decay(self.config) > 0
 
   @property
   def registration_enabled(self) -> bool:
@@ -274,6 +299,8 @@ class DualPathGAN(contrast.ContrastMethod):
         virtual, r_params if registering else {})
     (g_grads,) = pullback(d_virtual)
     state.opt_g.update(gens, g_grads)
+    if self.ema_enabled:
+      update_ema(state.ema, gens.global_net, ema_decay(config), state.opt_g.step.value)
     if registering:
       state.opt_r.update(state.registration, r_grads)
     metrics.update(g_terms, g_loss=g_loss)
@@ -291,7 +318,12 @@ class DualPathGAN(contrast.ContrastMethod):
 
   # ---- the generator
   def generator(self, state: DualPathGANState) -> nnx.Module:
-    return state.generators.global_net
+    """The generator that evaluation, exports and inference use: the moving average when `train.ema_decay > 0`."""
+    return state.ema if self.ema_enabled else state.generators.global_net
+
+  @property
+  def generator_key(self) -> tuple[str, ...]:   # where `generator(state)` lies in a checkpoint's state
+    return ("ema",) if self.ema_enabled else ("generators", "global_net")
 
   def build_generator(self) -> nnx.Module:
     return models.Generator(self.config.model.generator, rngs=nnx.Rngs(0))
