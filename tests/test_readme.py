@@ -163,7 +163,7 @@ def test_tensorboard_is_installed():
 
 def test_not_run_commands_are_only_the_accelerator_installs():
   for command in [c for c in COMMANDS if kind(c) in NOT_RUN]:
-    assert command[:3] == ["pip", "install", "-U"] and command[3] in ("jax[cuda12]", "jax[tpu]"), command
+    assert command[:3] == ["pip", "install", "-U"] and command[3] in ("jax[cuda12]", "jax[cuda13]", "jax[tpu]"), command
 
 
 def test_inline_python_commands_run_their_help():
