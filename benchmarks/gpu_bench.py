@@ -38,15 +38,10 @@ if __package__ in (None, ""):  # `python benchmarks/gpu_bench.py`: make the repo
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np
 from flax import nnx
 
 from benchmarks import run as cpu_run
-from vcect_jax import methods
 from vcect_jax import models
-from vcect_jax import pretrain
-from vcect_jax import sharding
-from vcect_jax import train
 from vcect_jax.models import layers
 
 try:
@@ -68,15 +63,9 @@ def _config(size: int, batch: int, dtype: str, tiny: bool):
 def jax_sides(config, batch_np):
   """(train step: n -> runs n steps and waits, forward: n -> n forwards and waits, step FLOPs, forward FLOPs,
   the module before the first step)."""
-  method = methods.create(config)
-  with mock.patch.object(pretrain, "load_pretext_encoder",
-                         lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(1)).encoder):
-    module = method.create_state(steps_per_epoch=1000)
-  mesh = sharding.make_mesh()
-  graphdef, state = nnx.split(module)
-  state = sharding.replicate(jax.tree.map(np.array, state), mesh)
-  step_fn = train.jit_train_step(method, graphdef, mesh)
-  batch = sharding.global_batch(batch_np, mesh)
+  built = cpu_run.build_train_step(config, batch_np)
+  method, module, graphdef, state = built["method"], built["module"], built["graphdef"], built["state"]
+  step_fn, batch = built["step_fn"], built["batch"]
   start = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

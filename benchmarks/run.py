@@ -84,8 +84,9 @@ def jax_forward(config, generator, pre: np.ndarray):
   return lambda: jax.block_until_ready(fn(state, x))
 
 
-def jax_train_step(config, batch_np):
-  """(blocking step call, the module before the first step): the training loop's jitted, donated step."""
+def build_train_step(config, batch_np):
+  """The training loop's jitted, donated step on `batch_np`, with a random pretext encoder: a dict of `method`,
+  `module` (the state before the first step), `graphdef`, `state` (a replicated copy), `step_fn`, `batch`."""
   method = methods.create(config)
   with mock.patch.object(pretrain, "load_pretext_encoder",
                          lambda *_: models.IntensityClassifier(config.model, rngs=nnx.Rngs(1)).encoder):
@@ -93,8 +94,14 @@ def jax_train_step(config, batch_np):
   mesh = sharding.make_mesh()
   graphdef, state = nnx.split(module)
   state = sharding.replicate(jax.tree.map(np.array, state), mesh)  # a copy: `module` keeps its arrays
-  step_fn = train.jit_train_step(method, graphdef, mesh)
-  batch = sharding.global_batch(batch_np, mesh)
+  return {"method": method, "module": module, "graphdef": graphdef, "state": state,
+          "step_fn": train.jit_train_step(method, graphdef, mesh), "batch": sharding.global_batch(batch_np, mesh)}
+
+
+def jax_train_step(config, batch_np):
+  """(blocking step call, the module before the first step): the training loop's jitted, donated step."""
+  built = build_train_step(config, batch_np)
+  module, state, step_fn, batch = built["module"], built["state"], built["step_fn"], built["batch"]
   holder = {"state": state, "metrics": None}
 
   def step():
