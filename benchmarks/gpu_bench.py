@@ -18,6 +18,11 @@ Timing: warm-up calls (JAX compiles; its compile + first call time is reported),
 and one synchronisation at the end (the GPU queue stays full, as in training), `--rounds` times; medians of the
 per-step times. MFU = the step's FLOPs (XLA's cost analysis of the lowered JAX step, the same arithmetic on both
 sides) / step time / the GPU's dense bf16 peak (`--peak_tflops`, default the H200's 989 TFLOP/s, NVIDIA's figure).
+
+Dependencies: jax (with its GPU plugin), flax, optax, orbax-checkpoint, numpy, torch, and of the project's own only
+ml_collections and grain (with array_record): TensorFlow, TFDS, pydicom and clu are not imported. Compiling the
+paper-size bf16 step takes about a minute on an H200 (53 s at batch 2, 89 s at batch 32): put the rows that matter
+first in a time-limited run (`--batches`, `--dtypes`).
 """
 
 from __future__ import annotations
