@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # `python benchmarks/gpu_bench.py`: make the repo
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
 from flax import nnx
 
 from benchmarks import run as cpu_run
@@ -112,9 +113,11 @@ def xla_flops(fn, *args) -> float | None:
   Not the compiled executable's analysis: on GPU the convolutions become cuDNN custom calls whose FLOPs it does not
   count (the bf16 step at batch 32 reads 270 GFLOP there against 12.9 TFLOP of convolutions), and on CPU the
   oneDNN custom calls likewise. The same count serves both frameworks (the same arithmetic)."""
+  # Shapes and dtypes only: arguments placed on an accelerator would carry its shardings into the CPU lowering.
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
   try:
     with mock.patch.object(layers, "on_cpu", lambda: False):  # XLA's convolutions, countable
-      lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",))
+      lowered = jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",))
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
