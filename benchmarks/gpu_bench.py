@@ -93,10 +93,10 @@ def jax_sides(config, batch_np):
   nnx.update(generator, nnx.state(module.generators.global_net))
   generator.eval()
   g_def, g_state = nnx.split(generator)
-  fwd_fn = jax.jit(lambda s, x: nnx.merge(g_def, s)(x))
+  apply = lambda s, x: nnx.merge(g_def, s)(x)  # pylint: disable=unnecessary-lambda-assignment
   x = jax.device_put(batch_np["pre"])
-  fwd_flops = xla_flops(lambda s, x: nnx.merge(g_def, s)(x), g_state, batch_np["pre"])
-  fwd_fn = fwd_fn.lower(g_state, x).compile()
+  fwd_flops = xla_flops(apply, g_state, batch_np["pre"])
+  fwd_fn = jax.jit(apply).lower(g_state, x).compile()
 
   def forwards(n: int):
     out = None
@@ -133,15 +133,9 @@ def torch_sides(config, generator, module, batch_np, dtype: str, channels_last: 
   def to(t):
     return t.to(device).contiguous(memory_format=fmt)
 
-  gen_cfg = config.model.generator
-  g_eval = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), generator).eval()
+  g_eval = torch_reference.generator_from_jax(torch_reference.Generator(config.model.generator), generator).eval()
   g_eval = g_eval.to(device, memory_format=fmt)
-  g = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), module.generators.global_net)
-  d = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator),
-                                             module.discriminator)
-  e = torch_reference.frozen_encoder_from_jax(module.encoder, gen_cfg.in_channels, gen_cfg.widths)
-  g, d, e = (m.to(device, memory_format=fmt) for m in (g, d, e))
-  step = torch_reference.DualPathStep(config, g, d, e, amp_dtype=amp)
+  step = torch_reference.dual_path_step_from_jax(config, module, amp_dtype=amp, device=device, memory_format=fmt)
   pre, post = to(torch_reference.nchw(batch_np["pre"])), to(torch_reference.nchw(batch_np["post"]))
 
   def sync():
@@ -184,8 +178,8 @@ def measure(size: int, batch: int, dtype: str, *, steps: int, rounds: int, tiny:
     if dtype == "bfloat16":
       torch_variants["torch channels_last"] = torch_sides(config, generator, module, batch_np, dtype, True, device)
   rows = []
-  for what, idx, flops in (("train step", 0, step_flops), ("generator forward", 1, fwd_flops)):
-    jax_fn = j_steps if idx == 0 else j_fwd
+  for what, idx, jax_fn, flops in (("train step", 0, j_steps, step_flops),
+                                   ("generator forward", 1, j_fwd, fwd_flops)):
     start = time.perf_counter()
     jax_fn(1)
     first = time.perf_counter() - start

@@ -124,16 +124,7 @@ def torch_forward(config, jax_generator, pre: np.ndarray):
 
 
 def torch_train_step(config, jax_module, batch_np):
-  if not config.dual_path.shared_generator:
-    raise ValueError("the PyTorch reference implements dual_path.shared_generator=True")
-  gen_cfg = config.model.generator
-  g = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), jax_module.generators.global_net)
-  d = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator),
-                                             jax_module.discriminator)
-  e = None
-  if config.loss.use_perceptual:
-    e = torch_reference.frozen_encoder_from_jax(jax_module.encoder, gen_cfg.in_channels, gen_cfg.widths)
-  step = torch_reference.DualPathStep(config, g, d, e)
+  step = torch_reference.dual_path_step_from_jax(config, jax_module)
   pre, post = torch_reference.nchw(batch_np["pre"]), torch_reference.nchw(batch_np["post"])
   return lambda: step(pre, post)
 

@@ -302,6 +302,23 @@ def frozen_encoder_from_jax(j, in_channels: int, widths) -> Encoder:
   return encoder_from_jax(Encoder(in_channels, widths), j)
 
 
+def dual_path_step_from_jax(config, jax_module, amp_dtype: torch.dtype | None = None, device: str = "cpu",
+                            memory_format: torch.memory_format = torch.contiguous_format) -> DualPathStep:
+  """The reference's training step started from a JAX `DualPathGANState`'s weights (generator, discriminator, and
+  the frozen encoder when the perceptual term is on), its networks on `device` in `memory_format`."""
+  if not config.dual_path.shared_generator:
+    raise ValueError("the PyTorch reference implements dual_path.shared_generator=True")
+  gen_cfg = config.model.generator
+  g = generator_from_jax(Generator(gen_cfg), jax_module.generators.global_net)
+  d = discriminator_from_jax(Discriminator(config.model.discriminator), jax_module.discriminator)
+  e = (frozen_encoder_from_jax(jax_module.encoder, gen_cfg.in_channels, gen_cfg.widths)
+       if config.loss.use_perceptual else None)
+  g, d = (m.to(device, memory_format=memory_format) for m in (g, d))   # before the optimisers take their params
+  if e is not None:
+    e = e.to(device, memory_format=memory_format)
+  return DualPathStep(config, g, d, e, amp_dtype=amp_dtype)
+
+
 def nchw(a) -> torch.Tensor:
   """A (B, H, W, C) array as a contiguous (B, C, H, W) float32 tensor."""
   return _t(np.asarray(a).transpose(0, 3, 1, 2))

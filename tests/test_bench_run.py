@@ -89,16 +89,11 @@ def test_bf16_torch_step_tracks_the_float32_one(tiny):
   config, batch, _, module = tiny
   losses = {}
   for amp in (None, torch.bfloat16):
-    gen_cfg = config.model.generator
-    g = torch_reference.generator_from_jax(torch_reference.Generator(gen_cfg), module.generators.global_net)
-    d = torch_reference.discriminator_from_jax(torch_reference.Discriminator(config.model.discriminator),
-                                               module.discriminator)
-    e = torch_reference.frozen_encoder_from_jax(module.encoder, gen_cfg.in_channels, gen_cfg.widths)
-    step = torch_reference.DualPathStep(config, g, d, e, amp_dtype=amp)
+    step = torch_reference.dual_path_step_from_jax(config, module, amp_dtype=amp)
     losses[amp] = {k: float(v) for k, v in step(torch_reference.nchw(batch["pre"]),
                                                 torch_reference.nchw(batch["post"])).items()}
     if amp is not None:   # the parameters and optimiser states stay float32
-      assert all(p.dtype == torch.float32 for p in g.parameters())
+      assert all(p.dtype == torch.float32 for p in step.g.parameters())
       assert all(s["exp_avg"].dtype == torch.float32 for s in step.opt_g.state.values())
   for key in ("g_loss", "d_loss"):
     assert math.isfinite(losses[torch.bfloat16][key])
