@@ -42,7 +42,7 @@ options:
         required. The configuration: configs/arterial.py, configs/portal.py, configs/delayed.py (one contrast phase
         each), configs/pretrain.py (pretext pretraining), configs/ablations/*.py, configs/baselines/*.py:PHASE.
         VARIANT: none (the paper's settings: 256 px, batch 2, 50 epochs), `demo` (the short CPU demonstration,
-        64 px) or `smoke` (CI-sized, learns nothing); baselines take PHASE[,VARIANT], e.g. cyclegan.py:arterial,demo.
+        96 px) or `smoke` (CI-sized, learns nothing); baselines take PHASE[,VARIANT], e.g. cyclegan.py:arterial,demo.
   --config.FIELD=VALUE
         overrides one field of the config (default: the config file's value). Every field, its meaning and its
         default are in configs/default.py; e.g. --config.train.steps=2000, --config.data.dir=/data/converted,

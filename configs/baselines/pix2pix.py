@@ -10,7 +10,7 @@ outputs the one contrast slice (1 channel, tanh, the [-1, 1] window); the discri
 (4 channels). Dropout is used in training only (the reference keeps it at test time as noise; our evaluation and
 inference are deterministic), and BatchNorm uses its running statistics at evaluation (the reference's --eval).
 `generator.num_downs` sets the U-Net depth: H and W must be multiples of 2**num_downs (8 at 256 px; the smoke
-variant uses 5 at 32 px, the demo 6 at 64 px).
+variant uses 5 at 32 px, the demo 5 at 96 px: 96 -> 3x3 at the bottleneck, so no dropout level).
 """
 
 from configs import baselines
@@ -47,6 +47,6 @@ def get_config(arg=None):
     config.pix2pix.generator.update(ngf=4, num_downs=5)
     config.pix2pix.discriminator.ndf = 4
   elif variant == "demo":
-    config.pix2pix.generator.update(ngf=16, num_downs=6)
+    config.pix2pix.generator.update(ngf=16, num_downs=5)  # 96 px = 3 * 2**5
     config.pix2pix.discriminator.ndf = 16
   return config
