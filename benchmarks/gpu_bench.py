@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_bench                          # 256 px, batches 2 and 32, float32 and bfloat16
     python -m benchmarks.gpu_bench --batches 2,32,128 --json results.json
     python -m benchmarks.gpu_bench --tiny                   # 32 px, narrow networks, CPU is fine (the tests' mode)
+    python -m benchmarks.gpu_bench --batches 32 --dtypes bfloat16 --profile /tmp/trace   # + time per XLA operation
 
 The GPU row of issue 14 ("bf16 step against torch on the same GPU, and MFU"). For each image size, batch and
 precision, in this order (rows are printed, and written to `--json`, as they finish, so that a run cut short by a
@@ -47,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import run as cpu_run
+from benchmarks import trace_summary
 from vcect_jax import models
 from vcect_jax.models import layers
 
@@ -167,8 +169,18 @@ def _per_call(fn, n: int, rounds: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
+def profile_steps(step_fn, n: int, trace_dir: str, log=print) -> dict:
+  """A `jax.profiler` trace of n training steps (after the timing: compiled, warm) and its per-operation summary
+  (`benchmarks/trace_summary.py`); the trace itself stays in `trace_dir` for TensorBoard's or xprof's viewer."""
+  with jax.profiler.trace(trace_dir):
+    step_fn(n)
+  summary = trace_summary.summarise(trace_dir)
+  log(f"profile of {n} JAX training steps ({trace_dir}):\n" + trace_summary.table(summary))
+  return summary
+
+
 def measure(size: int, batch: int, dtype: str, *, steps: int, rounds: int, tiny: bool, with_torch: bool,
-            device: str, peak_tflops: float, log=print) -> list[dict]:
+            device: str, peak_tflops: float, log=print, profile_dir: str = "") -> list[dict]:
   config = _config(size, batch, dtype, tiny)
   batch_np = cpu_run._batch(size, batch)  # pylint: disable=protected-access
   j_steps, j_fwd, step_flops, fwd_flops, generator, module, compile_s = jax_sides(config, batch_np)
@@ -198,6 +210,9 @@ def measure(size: int, batch: int, dtype: str, *, steps: int, rounds: int, tiny:
       row["jax_mfu"] = row["jax_tflops"] / peak_tflops
       for name in torch_variants:
         row[f"{name}_mfu"] = flops / row[f"{name}_s"] / 1e12 / peak_tflops
+    if profile_dir and idx == 0:
+      row["profile"] = profile_steps(jax_fn, min(steps, 5), os.path.join(profile_dir, f"{size}px_b{batch}_{dtype}"),
+                                     log)
     rows.append(row)
     log(_fmt(row, list(torch_variants)))
   return rows
@@ -229,6 +244,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--peak_tflops", type=float, default=H200_BF16_DENSE_TFLOPS,
                       help="the device's dense bf16 peak, for MFU")
   parser.add_argument("--json", default="", help="rows written here after each measurement")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="also trace a few JAX training steps of each row into DIR/<size>px_b<batch>_<dtype> and "
+                           "print the time per XLA operation (benchmarks/trace_summary.py)")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")] if not args.tiny else [32]
   batches = [int(b) for b in args.batches.split(",")] if not args.tiny else [2]
@@ -247,7 +265,7 @@ def main(argv=None) -> list[dict]:
     for batch in batches:
       for dtype in args.dtypes.split(","):
         rows += measure(size, batch, dtype, steps=steps, rounds=rounds, tiny=args.tiny, with_torch=with_torch,
-                        device=device, peak_tflops=args.peak_tflops, log=log)
+                        device=device, peak_tflops=args.peak_tflops, log=log, profile_dir=args.profile)
         if args.json:
           with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -5,6 +5,7 @@ training step compute. No timing assertions. Without torch the harness runs the 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -101,12 +102,14 @@ def test_bf16_torch_step_tracks_the_float32_one(tiny):
     assert losses[torch.bfloat16][key] != losses[None][key]   # bf16 did run
 
 
-def test_gpu_bench_tiny_mode_gives_both_rows_per_precision():
+def test_gpu_bench_tiny_mode_gives_both_rows_per_precision(tmp_path):
   """`benchmarks/gpu_bench.py --tiny` (runs on the CPU too): a train-step and a forward row per precision, finite
-  times, the ratio against the best PyTorch variant, and a FLOP count from XLA's cost analysis."""
+  times, the ratio against the best PyTorch variant, a FLOP count from XLA's cost analysis, and with `--profile` the
+  time per XLA operation of the traced step."""
   from benchmarks import gpu_bench  # pylint: disable=g-import-not-at-top
 
-  rows = gpu_bench.main(["--tiny", "--dtypes=float32"] + ([] if run.torch is not None else ["--no_torch"]))
+  rows = gpu_bench.main(["--tiny", "--dtypes=float32", f"--profile={tmp_path}"]
+                        + ([] if run.torch is not None else ["--no_torch"]))
   assert [(r["measurement"], r["size"], r["dtype"]) for r in rows] == [("train step", 32, "float32"),
                                                                        ("generator forward", 32, "float32")]
   for r in rows:
@@ -117,6 +120,10 @@ def test_gpu_bench_tiny_mode_gives_both_rows_per_precision():
       assert r["ratio_best_torch"] == pytest.approx(r["torch_s"] / r["jax_s"])
   # the step's FLOPs: forward + backward of both paths and the discriminator: several generator forwards
   assert rows[0]["flops"] > 3 * rows[1]["flops"]
+  profile = rows[0]["profile"]
+  assert profile["total_ms"] > 0 and profile["rows"], profile
+  assert any("conv" in r["group"] or "custom-call" in r["group"] for r in profile["rows"]), profile["rows"]
+  assert "profile" not in rows[1]  # the step is traced, not the forward
 
 
 def test_xla_flops_counts_a_convolution():
@@ -126,3 +133,26 @@ def test_xla_flops_counts_a_convolution():
       x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x, k)
   # multiply-adds over the taps that fall inside the image (SAME padding: 46 of 48 taps per row and column)
   assert flops == pytest.approx(2 * 2 * 4 * 8 * (3 * 16 - 2) ** 2, rel=0.01)
+
+
+def test_trace_summary_sums_the_operations_of_a_trace(tmp_path):
+  """`benchmarks/trace_summary.py` reads a jax.profiler trace: the operations of a jitted convolution + reduction are
+  found by name, runtime frames are not, and the shares of all groups add up to one."""
+  from benchmarks import trace_summary  # pylint: disable=g-import-not-at-top
+
+  x, k = jnp.ones((2, 32, 32, 8)), jnp.ones((3, 3, 8, 16))
+  fn = jax.jit(lambda x, k: jnp.tanh(jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).sum())
+  fn(x, k).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      fn(x, k).block_until_ready()
+  summary = trace_summary.summarise(str(tmp_path), top=1000)
+  groups = [r["group"] for r in summary["rows"]]
+  assert any("conv" in g for g in groups), groups
+  assert not any(g.startswith(("Pjit", "$")) or "::" in g for g in groups), groups
+  assert sum(r["share"] for r in summary["rows"]) == pytest.approx(1.0)
+  assert sum(r["events"] for r in summary["rows"]) == summary["events"] >= 3
+  assert "| operation (group) |" in trace_summary.table(summary)
+  with pytest.raises(FileNotFoundError, match="jax.profiler.trace"):
+    trace_summary.summarise(str(tmp_path / "empty"))
