@@ -16,7 +16,7 @@ For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`
   <workdir>/report/tables.json  every overall number of every run
 
 Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared; one
-more under `<workdir>/window_W<width>_L<level>/` for each other CT window of the phases: the arterial `:demo`),
+more under `<workdir>/window_W<width>_L<level>/` for each other CT window of the phases: the arterial and delayed `:demo`),
 `<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
 finished (`done.json`) and evaluates again. `--dry_run` checks the machinery: the smoke variant, 2 steps per run.
 
@@ -84,7 +84,7 @@ def _override(config, assignments: list[str]) -> None:
 
 def shared_inputs(args) -> tuple[str, dict]:
   """(data.dir, {phase: pretext checkpoint}) made once under the work directory for every run: one pretext encoder
-  per CT window (`pretrain.pretext_per_window`; the arterial `:demo` has its own window)."""
+  per CT window (`pretrain.pretext_per_window`; the arterial and delayed `:demo` have their own windows)."""
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from vcect_jax import pretrain  # pylint: disable=g-import-not-at-top
   from vcect_jax import runtime  # pylint: disable=g-import-not-at-top

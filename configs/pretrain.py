@@ -6,7 +6,7 @@ Variants (`--config=configs/pretrain.py:smoke`):
   * `smoke` / `demo`: the networks of `configs/<phase>.py:smoke` / `:demo` (configs/variants.py), so that a pretext
     checkpoint of one fits the other; `smoke` pretrains at 64 px for a few dozen steps, end to end on the CPU.
     `demo` pretrains with the window of `configs/arterial.py:demo`; `demo,portal` (or `demo,delayed`) with that
-    phase's `:demo` window (`variants.DEMO_WINDOWS`: the arterial demo has its own).
+    phase's `:demo` window (`variants.DEMO_WINDOWS`: the arterial and delayed demos have their own).
   * `clip`: the authors' variant, scaled intensities clipped at 1.
 """
 

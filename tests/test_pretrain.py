@@ -120,7 +120,7 @@ def test_empty_validation_split_stops_before_training(tmp_path):
 @pytest.mark.parametrize("phase", ["", "arterial", "portal", "delayed"])
 def test_pretrain_variants_share_the_phase_variants_networks_and_window(variant, phase):
   """A pretext checkpoint of configs/pretrain.py:<variant>[,<phase>] must fit configs/<phase>.py:<variant>
-  (networks and window: the arterial `:demo` has its own window); no phase means arterial."""
+  (networks and window: the arterial and delayed `:demo` have their own windows); no phase means arterial."""
   import importlib  # pylint: disable=import-outside-toplevel
 
   arg = f"{variant},{phase}" if phase else variant
@@ -132,8 +132,8 @@ def test_pretrain_variants_share_the_phase_variants_networks_and_window(variant,
 
 
 def test_pretext_per_window_one_encoder_per_window(monkeypatch, tmp_path):
-  """Phases that share a data set share a pretext encoder only where their windows agree (the arterial `:demo` has
-  its own): the notebooks' `train_phases` and `benchmarks.paper_tables` pretrain through this."""
+  """Phases that share a data set share a pretext encoder only where their windows agree (the arterial and delayed
+  `:demo` have their own): the notebooks' `train_phases` and `benchmarks.paper_tables` pretrain through this."""
   import importlib  # pylint: disable=import-outside-toplevel
 
   calls = []
@@ -143,18 +143,30 @@ def test_pretext_per_window_one_encoder_per_window(monkeypatch, tmp_path):
   for phase in ("arterial", "portal", "delayed"):
     config = importlib.import_module(f"configs.{phase}").get_config("demo")
     paths[phase] = pretrain.pretext_per_window(config, str(tmp_path), made)
-  assert calls == [str(tmp_path), str(tmp_path / "window_W400_L30")]  # each window pretrained once
-  assert paths["portal"] == paths["delayed"] != paths["arterial"] == str(tmp_path / "pretrain" / "pretext")
-  assert set(made) == {(130.0, 600.0), (30.0, 400.0)}
+  delayed_w400 = importlib.import_module("configs.delayed").get_config("demo")
+  delayed_w400.data.window.update(level=30.0, width=400.0)
+  paths["delayed W400/L30"] = pretrain.pretext_per_window(delayed_w400, str(tmp_path), made)
+  # each window pretrained once, the first under the work directory itself
+  assert calls == [str(tmp_path), str(tmp_path / "window_W400_L30"), str(tmp_path / "window_W1000_L330")]
+  assert paths["arterial"] == str(tmp_path / "pretrain" / "pretext")
+  assert paths["portal"] == paths["delayed W400/L30"]
+  assert len({paths["arterial"], paths["portal"], paths["delayed"]}) == 3
+  assert set(made) == {(130.0, 600.0), (30.0, 400.0), (330.0, 1000.0)}
 
 
-def test_demo_windows_arterial_wider_others_the_papers():
+def test_demo_windows_arterial_and_delayed_wider_portal_the_papers():
   from configs import arterial, delayed, portal  # pylint: disable=import-outside-toplevel
 
   assert arterial.get_config("demo").data.window.to_dict() == {"level": 130.0, "width": 600.0}
-  for module in (portal, delayed):
-    assert module.get_config("demo").data.window.to_dict() == {"level": 30.0, "width": 400.0}
-  assert arterial.get_config().data.window.to_dict() == {"level": 30.0, "width": 400.0}  # the paper's
+  assert delayed.get_config("demo").data.window.to_dict() == {"level": 330.0, "width": 1000.0}
+  assert portal.get_config("demo").data.window.to_dict() == {"level": 30.0, "width": 400.0}
+  for module in (arterial, portal, delayed):  # the paper's window and unweighted pixel term
+    assert module.get_config().data.window.to_dict() == {"level": 30.0, "width": 400.0}
+    assert module.get_config().loss.pixel_enhancement_weight == 0.0
+  # the delayed `:demo` weighs the excreted contrast's pixels, where the non-contrast pixel can enhance
+  assert delayed.get_config("demo").loss.pixel_enhancement_weight == 2.0
+  assert tuple(delayed.get_config("demo").loss.pixel_enhancement_pre_hu) == (-20.0, 150.0)
+  assert arterial.get_config("demo").loss.pixel_enhancement_weight == 0.0
   with pytest.raises(ValueError, match="unknown variant 'demo,venous'"):
     pretrain_configs.get_config("demo,venous")
 

@@ -184,7 +184,7 @@ def pretrain(config, workdir: str, train_source=None, validation_source=None) ->
 def pretext_per_window(config, workdir: str, made: dict) -> str:
   """`ensure_pretext_checkpoint` for runs that share one encoder per CT window (several phases or rows on one data
   set): the first window's under `<workdir>/pretrain`, another's under `<workdir>/window_W<width>_L<level>/pretrain`
-  (the arterial `:demo` has its own window). `made` maps (level, width) -> path across calls; it is updated."""
+  (the arterial and delayed `:demo` have their own windows). `made` maps (level, width) -> path across calls; it is updated."""
   window = (float(config.data.window.level), float(config.data.window.width))
   if window not in made:
     folder = workdir if not made else os.path.join(workdir, f"window_W{window[1]:g}_L{window[0]:g}")
