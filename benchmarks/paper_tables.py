@@ -128,7 +128,9 @@ def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   start = time.time()
   result = evaluate.run(config, run_dir)
   timings["eval_s"] = time.time() - start
-  return {"overall": result["overall"], "cases": result["cases"], "step": result["step"], "timings": timings}
+  window = f"W{float(config.data.window.width):g}/L{float(config.data.window.level):g}"
+  return {"overall": result["overall"], "cases": result["cases"], "step": result["step"], "timings": timings,
+          "window": window}
 
 
 def _cell(stats: dict | None, decimals: int) -> str:
@@ -166,10 +168,13 @@ def write_tables(results: dict, args) -> list[str]:
     spread = f"{args.folds}-fold cross-validation; mean ± std over the folds of each fold's mean over its cases"
   else:
     spread = f"{', '.join(f'{p}: {n} cases' for p, n in cases.items())}; mean ± std over cases"
+  windows = {p: sorted({run.get("window") or "W400/L30" for run in r.values()}) for p, r in results.items() if r}
+  windows = ", ".join(f"{p} {' and '.join(w)}" for p, w in windows.items())
   setting = (f"Phantom, variant `{args.variant or 'paper'}`, `{args.split}` split "
              f"({spread}). Paper-mode "
-             "columns on 8-bit W400/L30 images; MAE in HU inside the body; aorta ratio = enhancement ratio of the "
-             "aorta within the window (1: learned, 0: none). Definitions: vcect_jax/metrics.py.")
+             f"columns on 8-bit images through each phase's CT window ({windows}); MAE in HU inside the body; "
+             "aorta ratio = enhancement ratio of the aorta within the window (1: learned, 0: none). Definitions: "
+             "vcect_jax/metrics.py.")
   table1 = ["# Table 1 analogue: proposed model, baselines and identity per phase", "", setting, ""] + header
   for phase in results:
     table1 += _rows_markdown(phase, ["proposed", *BASELINE_ROWS], results)

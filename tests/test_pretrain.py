@@ -154,6 +154,30 @@ def test_pretext_per_window_one_encoder_per_window(monkeypatch, tmp_path):
   assert set(made) == {(130.0, 600.0), (30.0, 400.0), (330.0, 1000.0)}
 
 
+def test_pretext_per_window_across_invocations_keeps_each_window_in_its_place(monkeypatch, tmp_path):
+  """A second invocation on the same work directory (paper_tables --phases=arterial, then --phases=portal) must not
+  hand the encoder already under <workdir>/pretrain (arterial, W600/L130) to another window's runs, nor pretrain a
+  second encoder into that place: the other window goes to its window folder, the same window reuses it."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  existing = pretrain.export_path(str(tmp_path / "pretrain"))
+  os.makedirs(existing)
+  monkeypatch.setattr(pretrain, "read_description",
+                      lambda path: (150, {"window": {"level": 130.0, "width": 600.0}}) if path == existing else
+                      (_ for _ in ()).throw(FileNotFoundError(path)))
+  calls = []
+  monkeypatch.setattr(pretrain, "ensure_pretext_checkpoint",
+                      lambda config, workdir: calls.append(workdir) or pretrain.export_path(
+                          os.path.join(workdir, "pretrain")))
+  made = {}
+  portal = pretrain.pretext_per_window(importlib.import_module("configs.portal").get_config("demo"), str(tmp_path),
+                                       made)
+  assert calls == [str(tmp_path / "window_W400_L30")] and portal != existing
+  arterial = pretrain.pretext_per_window(importlib.import_module("configs.arterial").get_config("demo"),
+                                         str(tmp_path), made)
+  assert arterial == existing and calls[-1] == str(tmp_path)  # the arterial encoder found where it was made
+
+
 def test_demo_windows_arterial_and_delayed_wider_portal_the_papers():
   from configs import arterial, delayed, portal  # pylint: disable=import-outside-toplevel
 
@@ -283,3 +307,4 @@ def test_dicom_folder_source_reads_only_non_contrast_series(tmp_path):
   config.pretrain.dicom_dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="dicom_dir"):
     pretext_sources.make_sources(config)
+

@@ -184,12 +184,29 @@ def pretrain(config, workdir: str, train_source=None, validation_source=None) ->
 def pretext_per_window(config, workdir: str, made: dict) -> str:
   """`ensure_pretext_checkpoint` for runs that share one encoder per CT window (several phases or rows on one data
   set): the first window's under `<workdir>/pretrain`, another's under `<workdir>/window_W<width>_L<level>/pretrain`
-  (the arterial and delayed `:demo` have their own windows). `made` maps (level, width) -> path across calls; it is updated."""
+  (the arterial and delayed `:demo` have their own windows). `made` maps (level, width) -> path across calls; it is
+  updated. Across invocations (e.g. `benchmarks.paper_tables --phases=arterial`, then `--phases=portal`) the
+  encoder already under `<workdir>/pretrain` keeps that place for its own window only: another window goes to its
+  window folder whatever the order of the phases."""
   window = (float(config.data.window.level), float(config.data.window.width))
   if window not in made:
-    folder = workdir if not made else os.path.join(workdir, f"window_W{window[1]:g}_L{window[0]:g}")
+    first = _existing_window(export_path(os.path.join(workdir, "pretrain")))
+    use_workdir = window == first if first is not None else not made
+    folder = workdir if use_workdir else os.path.join(workdir, f"window_W{window[1]:g}_L{window[0]:g}")
     made[window] = ensure_pretext_checkpoint(config, folder)
   return made[window]
+
+
+def _existing_window(path: str) -> tuple[float, float] | None:
+  """(level, width) of the pretext checkpoint at `path`; None when there is no usable one (or it has no window)."""
+  if not epath.Path(path).is_dir():
+    return None
+  try:
+    _, description = read_description(path)
+  except (FileNotFoundError, ValueError):  # an interrupted export: ensure_pretext_checkpoint redoes it
+    return None
+  window = description.get("window")
+  return (float(window["level"]), float(window["width"])) if window else None
 
 
 def ensure_pretext_checkpoint(config, workdir: str) -> str:
