@@ -87,8 +87,6 @@ def op_events(xspace_path: str) -> tuple[str, list[tuple[str, str, float]]]:
       if not line.name.startswith("tf_XLA"):
         continue
       for event in _top_level(e for e in line.events if not (_NOT_OPS.search(e.name) or " " in e.name)):
-        if _NOT_OPS.search(event.name) or " " in event.name:
-          continue
         events.append((_INSTANCE.sub("", event.name), event.name, event.duration_ns / 1e6))
   return "/host:CPU (XLA's worker threads)", events
 

@@ -89,8 +89,7 @@ def check_window(path: str, description: dict, window) -> None:
   have = description.get("window")
   if window is None or have is None:
     return
-  have = (float(have["level"]), float(have["width"]))
-  want = (float(window.level), float(window.width))
+  have, want = _window_key(have), _window_key(window)
   if have != want:
     raise ValueError(
         f"pretext checkpoint {path!r} was pretrained with the window W{have[1]:g}/L{have[0]:g} but the model uses "
@@ -188,7 +187,7 @@ def pretext_per_window(config, workdir: str, made: dict) -> str:
   updated. Across invocations (e.g. `benchmarks.paper_tables --phases=arterial`, then `--phases=portal`) the
   encoder already under `<workdir>/pretrain` keeps that place for its own window only: another window goes to its
   window folder whatever the order of the phases."""
-  window = (float(config.data.window.level), float(config.data.window.width))
+  window = _window_key(config.data.window)
   if window not in made:
     first = _existing_window(export_path(os.path.join(workdir, "pretrain")))
     use_workdir = window == first if first is not None else not made
@@ -206,7 +205,12 @@ def _existing_window(path: str) -> tuple[float, float] | None:
   except (FileNotFoundError, ValueError):  # an interrupted export: ensure_pretext_checkpoint redoes it
     return None
   window = description.get("window")
-  return (float(window["level"]), float(window["width"])) if window else None
+  return _window_key(window) if window else None
+
+
+def _window_key(window) -> tuple[float, float]:
+  """(level, width) of a window: a description's dict or a config section (`config.data.window`)."""
+  return float(window["level"]), float(window["width"])
 
 
 def ensure_pretext_checkpoint(config, workdir: str) -> str:
