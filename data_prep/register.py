@@ -391,7 +391,7 @@ def displacement_mm(transform, shape: tuple[int, int, int], pixel_spacing_mm: fl
 def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, post_z: np.ndarray,
                  body_masks: list[np.ndarray], offset_mm: float, pixel_spacing_mm: float,
                  options: Options = Options(), carry: list[np.ndarray] = (),
-                 fill_hu: int = -1024) -> VolumeAlignment:
+                 fill_hu: int = -1024, carry_images: list[np.ndarray] = ()) -> VolumeAlignment:
   """Brings a contrast volume onto the non-contrast grid with the chosen options (module docstring).
 
   Args:
@@ -404,6 +404,8 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
     carry: volumes (S2, H, W) on the contrast grid to move with the same transforms (binary masks: shape-based
       through-plane interpolation, linear elsewhere).
     fill_hu: HU of contrast pixels that come from outside the contrast image.
+    carry_images: further volumes (S2, H, W) to move the same way, interpolated linearly everywhere (e.g. the
+      phantom's noise-free HU); returned after `carry`'s in `VolumeAlignment.carried`.
 
   Returns:
     The per-slice pairs (excluded ones with their reason, the exclusion rule not yet applied) and the carried
@@ -413,6 +415,8 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
 
   options.check()
   n = len(pre_hu)
+  binary = [True] * len(carry) + [False] * len(carry_images)
+  carry = list(carry) + list(carry_images)
   if options.through_plane in ("nearest", "local"):
     nearest = align.pair_slices(pre_z, post_z, offset_mm)
     u = np.array([np.nan if j is None else float(j) for j in nearest])
@@ -454,8 +458,9 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
       continue
     stacked[i] = p.post_hu
     h, w = pre_hu.shape[1:]
-    for volume, out in zip(carry, carried):
-      moved = resample_mask(volume, u[i]) if options.through_plane == "resample" else resample_slice(volume, u[i])
+    for volume, out, mask in zip(carry, carried, binary):
+      moved = (resample_mask(volume, u[i]) if options.through_plane == "resample" and mask
+               else resample_slice(volume, u[i]))
       out[i] = cv2.warpAffine(moved, result.warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
   seconds = 0.0

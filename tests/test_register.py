@@ -198,3 +198,30 @@ def test_align_bench_enhancement_kept_is_one_without_motion_and_less_with_it(cap
                     "--record_size", "32"])
   printed = capsys.readouterr().out
   assert "| local | arterial |" in printed and "| paper |" in printed and "at 32 px (the records)" in printed
+  assert "pair error at 32 px" in printed
+
+
+def test_align_bench_pair_error_is_near_zero_without_motion_and_large_with_it():
+  from benchmarks import align_bench  # pylint: disable=import-outside-toplevel
+
+  geometry = (64, 8, 5.0, 6.0)
+  truth = (cases.synthesize_case(0, 3, *geometry, noise=False),
+           cases.synthesize_case(0, 3, *geometry, motion_scale=0.0, noise=False))
+  def error(case, truth):
+    out = align_bench.measure_case(case, register.Options(), truth=truth)
+    return {p: out[p]["pair_error"]["liver"][0] / out[p]["pair_error"]["liver"][1] for p in align_bench.PHASES}
+  still = error(cases.synthesize_case(0, 3, *geometry, motion_scale=0.0), (truth[1], truth[1]))
+  moving = error(cases.synthesize_case(0, 3, *geometry), truth)
+  assert max(still.values()) < 3.0, still  # noise-free, motion-free pairs: ECC's interpolation only (HU)
+  assert min(moving.values()) > 10.0, moving  # breathing moved the liver: the nearest slice cuts it elsewhere
+
+
+def test_phantom_without_noise_differs_only_by_the_noise():
+  geometry = (64, 6, 5.0, 6.0)
+  noisy, clean = cases.synthesize_case(1, 4, *geometry), cases.synthesize_case(1, 4, *geometry, noise=False)
+  for phase in noisy.hu:
+    np.testing.assert_array_equal(noisy.labels[phase], clean.labels[phase])
+    assert clean.noise_sd[phase] == 0.0 and noisy.noise_sd[phase] >= 10.0
+    residual = noisy.hu[phase].astype(np.float32) - clean.hu[phase]
+    assert abs(float(residual.mean())) < 1.0 and 0.5 * noisy.noise_sd[phase] < float(residual.std()) < 1.5 * \
+        noisy.noise_sd[phase]

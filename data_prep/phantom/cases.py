@@ -79,13 +79,15 @@ def check_geometry(size: int, slices: int, slice_thickness: float, pixel_spacing
 
 
 def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
-                    pixel_spacing: float = 0.75, motion_scale: float = 1.0) -> Case:
+                    pixel_spacing: float = 0.75, motion_scale: float = 1.0, noise: bool = True) -> Case:
   """The case ``case_index`` of the dataset drawn with ``seed``, in memory (same arguments, same arrays).
 
   ``motion_scale`` scales the patient's motion between the scans (`motion.sample_motion`): 1 (default) the phantom's
   breathing, table and in-plane motion; 0 contrast series on the non-contrast one's grid and anatomy, so that a pair
   differs only by enhancement and noise (a test set that measures what a model learned, not the pairs' misalignment).
   The anatomy, enhancement and noise draws do not depend on it.
+  ``noise=False`` leaves the scanner noise out (``noise_sd`` then 0): the truth that benchmarks compare pairs with
+  (`benchmarks/align_bench.py`); every other draw is the same.
   """
   check_geometry(size, slices, slice_thickness, pixel_spacing)
   scan_rng = _rng(seed, case_index, _STREAMS['scan'])
@@ -103,8 +105,12 @@ def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 4
     labels[phase] = render.render(parts, grid, series_motion, anatomy.LABEL_IDS)
     ideal = enhancement.hu_volume(labels[phase], phase, params, pixel_spacing)
     blurred = acquisition.partial_volume(ideal, pixel_spacing)
-    noisy, noise_sd[phase] = acquisition.add_noise(blurred, _rng(seed, case_index, _NOISE_STREAM + i), pixel_spacing)
-    hu[phase] = acquisition.quantise(noisy)
+    if noise:
+      blurred, noise_sd[phase] = acquisition.add_noise(blurred, _rng(seed, case_index, _NOISE_STREAM + i),
+                                                       pixel_spacing)
+    else:
+      noise_sd[phase] = 0.0
+    hu[phase] = acquisition.quantise(blurred)
   body_2d = np.any(labels['non_contrast'] > 0, axis=0)
   motion_json = {
       'reference': 'non_contrast',
