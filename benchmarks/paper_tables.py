@@ -106,6 +106,7 @@ def shared_inputs(args) -> tuple[str, dict]:
 def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   """Trains (unless done) and evaluates one row of one phase; returns the evaluation's overall numbers."""
   from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from vcect_jax import hu  # pylint: disable=g-import-not-at-top
   from vcect_jax import train  # pylint: disable=g-import-not-at-top
 
   config = row_config(row, phase, args.variant)
@@ -128,7 +129,7 @@ def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   start = time.time()
   result = evaluate.run(config, run_dir)
   timings["eval_s"] = time.time() - start
-  window = f"W{float(config.data.window.width):g}/L{float(config.data.window.level):g}"
+  window = hu.Window.from_config(config.data.window).label
   return {"overall": result["overall"], "cases": result["cases"], "step": result["step"], "timings": timings,
           "window": window}
 

@@ -34,3 +34,9 @@ def test_window_from_config_and_invalid_width():
   assert (window.low, window.high) == (-135.0, 215.0)
   with pytest.raises(ValueError, match="width"):
     hu.Window(width=0)
+
+
+def test_window_label_names_width_then_level():
+  assert hu.Window().label == "W400/L30"
+  assert hu.Window(level=130.0, width=600.0).label == "W600/L130"
+  assert hu.Window(level=-600.0, width=1500.0).label == "W1500/L-600"

@@ -58,6 +58,11 @@ class Window:
   def high(self) -> float:
     return self.level + self.width / 2.0
 
+  @property
+  def label(self) -> str:
+    """'W400/L30': how radiologists name a window (width first), for titles, tables and messages."""
+    return f"W{self.width:g}/L{self.level:g}"
+
   @classmethod
   def from_config(cls, cfg) -> "Window":
     """From a config section with `level` and `width` fields (e.g. `config.data.window`)."""

@@ -314,7 +314,8 @@ def draw_series(volumes: Mapping[str, np.ndarray], level: float = 30.0, width: f
     axes[1, column].set_title(f"coronal, row {coronal_row}", fontsize=9)
   for ax in axes.flat:
     ax.axis("off")
-  fig.suptitle(f"window W{width:g}/L{level:g}", fontsize=10)
+  from vcect_jax import hu  # pylint: disable=g-import-not-at-top
+  fig.suptitle(f"window {hu.Window(level, width).label}", fontsize=10)
   fig.tight_layout()
   return fig
 

@@ -23,6 +23,7 @@ from etils import epath
 from flax import nnx
 
 from vcect_jax import checkpoint
+from vcect_jax import hu
 from vcect_jax import models
 from vcect_jax.methods.pretext import intensity_levels  # noqa: F401  (part of this module's API)
 
@@ -92,8 +93,8 @@ def check_window(path: str, description: dict, window) -> None:
   have, want = _window_key(have), _window_key(window)
   if have != want:
     raise ValueError(
-        f"pretext checkpoint {path!r} was pretrained with the window W{have[1]:g}/L{have[0]:g} but the model uses "
-        f"W{want[1]:g}/L{want[0]:g} (config.data.window): its encoder would see differently scaled intensities; "
+        f"pretext checkpoint {path!r} was pretrained with the window {hu.Window(*have).label} but the model "
+        f"uses {hu.Window(*want).label} (config.data.window): its encoder would see differently scaled intensities; "
         "pretrain again with the model's window (a new --workdir, or an empty perceptual.pretext_checkpoint in a "
         "new one), or set config.data.window to the checkpoint's")
 

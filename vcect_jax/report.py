@@ -165,7 +165,7 @@ def write_table(results: dict, path: str) -> str:
   lines = [f"# {_title(results)}", "",
            f"{n_cases} cases of the `{results.get('split', '?')}` split; mean ± std over cases. Checkpoint: "
            f"`{results.get('checkpoint', '-')}`. Identity = the non-contrast input used as the prediction.", "",
-           f"## Paper mode (8-bit images, window W{window.width:g}/L{window.level:g}; the paper's Table 1)", ""]
+           f"## Paper mode (8-bit images, window {window.label}; the paper's Table 1)", ""]
   rows = [[_row_name(m, results)] + [_mean_std(results["overall"][m].get(k), d) for k, _, d in PAPER_COLUMNS]
           for m in results["methods"]]
   lines += _table(["Method"] + [t for _, t, _ in PAPER_COLUMNS], rows)
@@ -265,7 +265,7 @@ def figure_cases(figures: list[dict], path: str, view: str = "axial", window=Non
       axes[i, j].set_yticks([])
       if i == 0:
         axes[i, j].set_title(columns[j], fontsize=9)
-  fig.suptitle(f"{title} — {view}, W{window.width:g}/L{window.level:g}", fontsize=10)
+  fig.suptitle(f"{title} — {view}, {window.label}", fontsize=10)
   _save(fig, path)
   return path
 
