@@ -182,36 +182,29 @@ def table(summaries: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def kept_table(results: dict[str, list[dict]]) -> str:
-  """One markdown table: per option and phase, the enhancement the pairs keep per organ (pooled over cases)."""
+def _organ_table(results: dict[str, list[dict]], key: str, cell) -> str:
+  """One markdown table, a row per option and phase, a column per organ of `KEPT_ORGANS`: `cell(sums)` of the
+  per-case lists `r[phase][key][organ]` summed over the cases (options without `key` are left out)."""
   lines = ["| option | phase | " + " | ".join(KEPT_ORGANS) + " |", "|" + "---|" * (len(KEPT_ORGANS) + 2)]
   for name, rows in results.items():
-    if not rows or "enhancement" not in rows[0][PHASES[0]]:
+    if not rows or key not in rows[0][PHASES[0]]:
       continue
     for phase in PHASES:
-      cells = []
-      for organ in KEPT_ORGANS:
-        kept = sum(r[phase]["enhancement"][organ][0] for r in rows)
-        true = sum(r[phase]["enhancement"][organ][1] for r in rows)
-        cells.append(f"{kept / true:.2f}" if abs(true) > 0 else "-")
-      lines.append(f"| {name} | {phase} | " + " | ".join(cells) + " |")
+      sums = [[sum(v) for v in zip(*(r[phase][key][organ] for r in rows))] for organ in KEPT_ORGANS]
+      lines.append(f"| {name} | {phase} | " + " | ".join(cell(*s) for s in sums) + " |")
   return "\n".join(lines)
+
+
+def kept_table(results: dict[str, list[dict]]) -> str:
+  """Per option and phase, the enhancement the pairs keep per organ (pooled over cases)."""
+  return _organ_table(results, "enhancement", lambda kept, true: f"{kept / true:.2f}" if abs(true) > 0 else "-")
 
 
 def pair_error_table(results: dict[str, list[dict]]) -> str:
-  """One markdown table: per option and phase, the pairs' error per organ (pooled over cases): mean |error| HU,
-  share of pixels off by > 50 HU, and the organ's mean true enhancement."""
-  lines = ["| option | phase | " + " | ".join(KEPT_ORGANS) + " |", "|" + "---|" * (len(KEPT_ORGANS) + 2)]
-  for name, rows in results.items():
-    if not rows or "pair_error" not in rows[0][PHASES[0]]:
-      continue
-    for phase in PHASES:
-      cells = []
-      for organ in KEPT_ORGANS:
-        total, n, off, enhancement = (sum(r[phase]["pair_error"][organ][k] for r in rows) for k in range(4))
-        cells.append(f"{total / n:.1f}, {off / n:.0%} ({enhancement / n:.0f})" if n else "-")
-      lines.append(f"| {name} | {phase} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  """Per option and phase, the pairs' error per organ (pooled over cases): mean |error| HU, share of pixels off by
+  > 50 HU, and the organ's mean true enhancement."""
+  return _organ_table(results, "pair_error", lambda total, n, off, enhancement: (
+      f"{total / n:.1f}, {off / n:.0%} ({enhancement / n:.0f})" if n else "-"))
 
 
 def main(argv=None):
