@@ -238,19 +238,23 @@ def figure_cases(figures: list[dict], path: str, view: str = "axial", window=Non
 
   window = window or hu.Window()
   n = len(figures)
-  fig = _figure(11.0, 2.6 * n + 0.6)
-  fig.subplots_adjust(wspace=0.3)
-  axes = fig.subplots(n, 4, squeeze=False)
-  columns = ("non-contrast", "real", "virtual", "|virtual − real| (HU)")
-  for i, case in enumerate(figures):
+  panels = []  # per case: the three images of the view, and the aspect they are drawn at
+  for case in figures:
     mask = np.asarray(case["body_mask"])
     rows = np.nonzero(mask.any(axis=(0, 2)))[0]
     row = int(np.round(np.average(np.arange(mask.shape[1]), weights=mask.sum(axis=(0, 2))))) if len(rows) else (
         mask.shape[1] // 2)
-    images = [_view(np.asarray(case[k]), view, row) for k in ("pre", "real", "virtual")]
     aspect = 1.0
     if view == "coronal" and case["pixel_spacing_mm"] > 0 and np.isfinite(case["slice_spacing_mm"]):
       aspect = case["slice_spacing_mm"] / case["pixel_spacing_mm"]
+    panels.append(([_view(np.asarray(case[k]), view, row) for k in ("pre", "real", "virtual")], aspect))
+  # Rows as tall as their images are drawn (a coronal reformat of a short scan is a strip, not a square).
+  heights = [min(1.0, image[0].shape[0] * aspect / max(image[0].shape[1], 1)) for image, aspect in panels]
+  fig = _figure(11.0, sum(0.45 + 2.15 * h for h in heights) + 0.6)
+  fig.subplots_adjust(wspace=0.3)
+  axes = fig.subplots(n, 4, squeeze=False, gridspec_kw={"height_ratios": heights})
+  columns = ("non-contrast", "real", "virtual", "|virtual − real| (HU)")
+  for i, (case, (images, aspect)) in enumerate(zip(figures, panels)):
     for j, image in enumerate(images):
       grey = axes[i, j].imshow(image, cmap="gray", vmin=window.low, vmax=window.high, aspect=aspect,
                                interpolation="nearest")
