@@ -106,36 +106,33 @@ def measure_case(case, option: register.Options, max_misalignment_px: float = 6.
                   "seconds": seconds, "deformable_seconds": result.deformable_seconds}
     size = lambda image, nearest=False: (slices.resize_square(image, record_size, nearest, 0)  # noqa: E731
                                          if record_size else image)
-    if still is not None:
-      enhancement = {name: [0.0, 0.0] for name in KEPT_ORGANS}
-      for p in result.pairs:
-        if p.excluded is not None:
-          continue
-        labels = size(pre_labels[p.index], nearest=True)
+    enhancement = {name: [0.0, 0.0] for name in KEPT_ORGANS}
+    error = {name: [0.0, 0, 0, 0.0] for name in KEPT_ORGANS}
+    for p in result.pairs if still is not None or truth is not None else ():
+      if p.excluded is not None:
+        continue
+      labels = size(pre_labels[p.index], nearest=True)
+      masks_by_organ = {name: labels == anatomy.LABEL_IDS[name] for name in KEPT_ORGANS}
+      if still is not None:
         base_hu = size(pre[p.index].astype(np.float32))
         paired, true = size(p.post_hu.astype(np.float32)), size(still.hu[phase][p.index].astype(np.float32))
-        for name in KEPT_ORGANS:
-          m = labels == anatomy.LABEL_IDS[name]
+        for name, m in masks_by_organ.items():
           base = base_hu[m].astype(np.float64)
           enhancement[name][0] += float(np.sum(paired[m] - base))
           enhancement[name][1] += float(np.sum(true[m] - base))
-      out[phase]["enhancement"] = enhancement
-    if truth is not None:
-      error = {name: [0.0, 0, 0, 0.0] for name in KEPT_ORGANS}
-      for p in result.pairs:
-        if p.excluded is not None:
-          continue
-        labels = size(pre_labels[p.index], nearest=True)
+      if truth is not None:
         paired = size(result.carried[-1][p.index])
-        true, base = (size(t.hu[k][p.index].astype(np.float32)) for t, k in ((truth[1], phase),
-                                                                             (truth[1], "non_contrast")))
-        for name in KEPT_ORGANS:
-          m = labels == anatomy.LABEL_IDS[name]
+        true = size(truth[1].hu[phase][p.index].astype(np.float32))
+        base = size(truth[1].hu["non_contrast"][p.index].astype(np.float32))
+        for name, m in masks_by_organ.items():
           e = np.abs(paired[m] - true[m]).astype(np.float64)
           error[name][0] += float(e.sum())
           error[name][1] += int(m.sum())
           error[name][2] += int(np.sum(e > 50.0))
           error[name][3] += float(np.sum(true[m] - base[m]))
+    if still is not None:
+      out[phase]["enhancement"] = enhancement
+    if truth is not None:
       out[phase]["pair_error"] = error
   return out
 

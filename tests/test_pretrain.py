@@ -307,4 +307,3 @@ def test_dicom_folder_source_reads_only_non_contrast_series(tmp_path):
   config.pretrain.dicom_dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="dicom_dir"):
     pretext_sources.make_sources(config)
-
