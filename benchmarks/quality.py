@@ -39,6 +39,14 @@ on the same records. The table compares three predictions of the contrast slice,
             perfect model's prediction: the best that any model of that window can score. Its ratio is the ceiling
             of the model's (through the paper's W400/L30, HU -170..230: the delayed collecting system 0.61 and
             the arterial aorta 0.80 on aligned pairs; benchmarks/RESULTS.md, issue 12, round 7).
+  truth without noise: on a held-out set without motion (`--test_motion_scale=0`) only: the phantom's contrast
+            series rendered again without noise (`phantom.synthesize_case(..., noise=False)`: the same anatomy and
+            enhancement on the non-contrast grid), resized as the converter writes records. The best prediction
+            that any model of the non-contrast slice can make; what it scores is the floor that the real slice's
+            noise, and the converter's resampling of it (its in-plane registration moves even a motionless pair
+            by fractions of a pixel), set under every method. With it the table has a second block of rows: each
+            method's error against that truth instead of the real slice (its own error, without the target's
+            noise), and the goals' lines give the floor's multiple of identity beside the model's.
 
 Rows: whole-body MAE (HU, inside the body), PSNR (dB) and SSIM (HU mode, `vcect_jax.metrics.hu_metrics`), then for
 each enhancing organ of the phase (the organs that the phantom's table enhances by at least 10 HU in that phase,
@@ -69,6 +77,7 @@ from vcect_jax import metrics
 
 ORACLE = "oracle"
 WINDOWED = "real in window"
+TRUTH = "truth without noise"
 ENHANCING_ORGANS = ("aorta", "portal_vein", "liver", "spleen", "kidney_cortex", "collecting_system", "bladder")
 KEY_ORGANS = {"arterial": ("aorta", "kidney_cortex"), "portal": ("kidney_cortex",), "delayed": ("collecting_system",)}
 MIN_ENHANCEMENT_HU = 10.0
@@ -110,9 +119,12 @@ def organ_errors(virtual: np.ndarray, real: np.ndarray, pre: np.ndarray, labels:
   return out
 
 
-def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8) -> dict[str, dict[str, float]]:
+def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
+                truth: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
   """method -> {"hu/mae", "hu/psnr", "hu/ssim", "<organ>/mae", "<organ>/ratio", "<organ>/enhancement"}: means
-  over the cases of `source` (nan skipped). `predict_fn` None: identity and oracle only."""
+  over the cases of `source` (nan skipped). `predict_fn` None: identity and oracle only. `truth` (case id -> the
+  noise-free contrast volume on the records' grid, every slice of the case: `noise_free_truth`) adds the method
+  `TRUTH` and, for every method, "hu/mae_truth" and "<organ>/mae_truth": the errors against that truth."""
   per_method: dict[str, list[dict[str, float]]] = {}
   for case in evaluate.iter_cases(source):
     virtuals = {}
@@ -124,6 +136,15 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8) -> d
     pre, real = case.current_pre_hu.astype(np.float32), case.post_hu.astype(np.float32)
     # What a perfect model would be scored: the real slice in the window, through evaluation's HU rule.
     virtuals[WINDOWED] = hu.keep_input_outside_window(np.clip(real, window.low, window.high), pre, window)
+    true = None
+    if truth is not None:
+      if case.case_id not in truth:
+        raise ValueError(f"case {case.case_id} of the scored records is not in the noise-free truth: the records "
+                         "are not the held-out phantom's whose settings.json lies beside them; make the held-out "
+                         "set again (`--test_seed`)")
+      true = truth[case.case_id][case.slice_index]
+      virtuals[TRUTH] = true
+    body = case.body_mask.astype(bool)
     for method, virtual in virtuals.items():
       row = {f"hu/{k}": float(v) for k, v in metrics.hu_metrics(virtual, real, case.body_mask).items()}
       organs = metrics.organ_enhancement(virtual, real, pre, case.labels, min_enhancement_hu=MIN_ENHANCEMENT_HU)
@@ -131,6 +152,12 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8) -> d
         row.update({f"{name}/{k}": v for k, v in errors.items()})   # mae, and the sums for the pooled ratio
         row[f"{name}/ratio"] = organs[name]["enhancement_ratio"]
         row[f"{name}/enhancement"] = organs[name]["real_mean"] - organs[name]["pre_mean"]
+      if true is not None:
+        row["hu/mae_truth"] = float(np.abs(virtual - true)[body].mean()) if body.any() else math.nan
+        for name, value in metrics.ORGAN_LABELS.items():
+          if name in ENHANCING_ORGANS:
+            inside = case.labels == value
+            row[f"{name}/mae_truth"] = float(np.abs(virtual - true)[inside].mean()) if inside.any() else math.nan
       per_method.setdefault(method, []).append(row)
   out = {m: {k: v["mean"] for k, v in evaluate.summarize(rows).items()} for m, rows in per_method.items()}
   for scores in out.values():
@@ -168,12 +195,16 @@ def goals(scores: dict[str, dict[str, float]], phase: str) -> dict[str, bool]:
 
 def table(scores: dict[str, dict[str, float]], phase: str | None = None) -> str:
   """The markdown table of the module docstring."""
-  methods = [m for m in (evaluate.MODEL, evaluate.IDENTITY, ORACLE, WINDOWED) if m in scores]
+  methods = [m for m in (evaluate.MODEL, evaluate.IDENTITY, ORACLE, WINDOWED, TRUTH) if m in scores]
   rows = [("whole-body MAE (HU)", "hu/mae", ".1f"), ("PSNR (dB)", "hu/psnr", ".2f"), ("SSIM", "hu/ssim", ".3f")]
-  for o in enhancing_organs(scores, phase):
+  organs = enhancing_organs(scores, phase)
+  for o in organs:
     rows += [(f"{o} MAE (HU)", f"{o}/mae", ".1f"), (f"{o} enhancement ratio, mean of cases", f"{o}/ratio", ".2f"),
              (f"{o} enhancement ratio, pooled", f"{o}/ratio_pooled", ".2f")]
-  gap = evaluate.MODEL in scores
+  if TRUTH in scores:
+    rows += [("whole-body MAE against the truth without noise (HU)", "hu/mae_truth", ".1f")]
+    rows += [(f"{o} MAE against the truth without noise (HU)", f"{o}/mae_truth", ".1f") for o in organs]
+  gap = evaluate.MODEL in scores and ORACLE in scores
   lines = ["| metric | " + " | ".join(methods) + (" | model - oracle |" if gap else " |"),
            "|---|" + "---|" * (len(methods) + gap)]
   for label, key, fmt in rows:
@@ -223,6 +254,40 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
   return converted
 
 
+def noise_free_truth(test_data_dir: str, phase: str) -> dict[str, np.ndarray] | None:
+  """case id -> (S, H, W) float32: the noise-free contrast series of `phase` of each case of a held-out set made
+  by `heldout_dataset` without motion (its `settings.json` and `phantom.hmac_key` beside `test_data_dir`), on the
+  records' grid (`phantom.synthesize_case(..., motion_scale=0, noise=False)`, resized as the converter resizes
+  HU). None for any other set: with motion, or not the phantom's, there is no truth on the non-contrast grid."""
+  import json  # pylint: disable=g-import-not-at-top
+  from data_prep import privacy  # pylint: disable=g-import-not-at-top
+  from data_prep import slices  # pylint: disable=g-import-not-at-top
+  from data_prep.phantom import cases as phantom_cases  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.normpath(test_data_dir))
+  stamp, key_file = os.path.join(root, "settings.json"), os.path.join(root, "phantom.hmac_key")
+  if not (os.path.basename(os.path.normpath(test_data_dir)) == "converted" and os.path.exists(stamp)
+          and os.path.exists(key_file)):
+    return None
+  with open(stamp) as f:
+    settings = json.load(f)
+  if settings.get("motion_scale", 1.0) != 0.0:
+    return None
+  key, _ = privacy.load_or_create_key(test_data_dir, key_file)
+  g = settings["phantom"]
+  out = {}
+  for index in range(int(g["cases"])):
+    case = phantom_cases.synthesize_case(index, int(g["seed"]), int(g["size"]), int(g["slices"]),
+                                         float(g["slice_thickness"]), float(g["pixel_spacing"]), motion_scale=0.0,
+                                         noise=False)
+    who = case.identity
+    case_id = privacy.case_id(key, privacy.patient_identity(who["PatientID"], who["PatientName"],
+                                                            who["PatientBirthDate"], fallback=who["StudyInstanceUID"]))
+    size = int(settings["image_size"])
+    out[case_id] = slices.resize_square(case.hu[phase], size, False, slices.AIR_HU).astype(np.float32)
+  return out
+
+
 def _heldout_name(test_data_dir: str) -> str:
   """The held-out set's folder name (`heldout_41` for `.../heldout_41/converted`), which names its report."""
   path = os.path.normpath(test_data_dir)
@@ -265,8 +330,9 @@ def run(config, workdir: str, split: str = "test", train: bool = True, test_data
   loaded = checkpoint.load_generator(workdir)
   window = hu.Window.from_config(loaded.config.data.window)
   source = input_pipeline.load_source(scored_dir, config.phase, split)
+  truth = noise_free_truth(test_data_dir, config.phase) if test_data_dir else None
   scores = score_split(source, evaluate.make_predict_fn(loaded.generator), window,
-                       batch_size=int(config.eval.batch_size))
+                       batch_size=int(config.eval.batch_size), truth=truth)
   reported = result["overall"][evaluate.MODEL]["hu/mae"]["mean"]
   if not math.isclose(reported, scores[evaluate.MODEL]["hu/mae"], rel_tol=1e-3, abs_tol=1e-3):
     raise AssertionError(f"eval mode's model MAE {reported} differs from the benchmark's "
@@ -344,8 +410,17 @@ def main(argv=None) -> dict:
         f"split of the {scored} ({out['eval']['cases']} cases), training {out['train_seconds']:.0f} s")
   print(out["table"])
   for name, met in out["goals"].items():
-    print(f"  {'met    ' if met else 'NOT met'}  {name}")
+    print(f"  {'met    ' if met else 'NOT met'}  {name}{_goal_detail(out['scores'], name)}")
   return out
+
+
+def _goal_detail(scores: dict[str, dict[str, float]], goal: str) -> str:
+  """' (model 0.52x, truth without noise 0.22x)' beside an organ's MAE goal: the multiples of identity's MAE."""
+  if not goal.endswith(" MAE <= 0.5x identity"):
+    return ""
+  key = goal.split()[0] + "/mae"
+  methods = [m for m in (evaluate.MODEL, TRUTH) if m in scores]
+  return " (" + ", ".join(f"{m} {scores[m][key] / scores[evaluate.IDENTITY][key]:.2f}x" for m in methods) + ")"
 
 
 if __name__ == "__main__":

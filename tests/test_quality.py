@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from benchmarks import quality
 from configs import arterial as configs_arterial
@@ -95,7 +96,10 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
     heldout = quality.heldout_dataset(smoke, seed=seed, out_dir=root, cases=3, motion_scale=scale)
     with open(os.path.join(root, "settings.json")) as f:
       assert json.load(f).get("motion_scale", 1.0) == scale
-    aligned = quality.score_split(input_pipeline.load_source(heldout, smoke.phase, "test"), None, window)
+    truth = quality.noise_free_truth(heldout, smoke.phase)
+    assert (truth is None) == (scale != 0.0)    # a truth on the non-contrast grid exists without motion only
+    aligned = quality.score_split(input_pipeline.load_source(heldout, smoke.phase, "test"), None, window,
+                                  truth=truth)
     scores[scale] = aligned[evaluate.IDENTITY]   # the loop ends on scale 0: `aligned` is the aligned set's
   excess = {}
   for scale, identity in scores.items():
@@ -113,6 +117,26 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
   for organ in excess[0.0]:
     assert windowed[f"{organ}/ratio_pooled"] <= 1.0 + 1e-6, organ
   assert "real in window" in quality.table(aligned, smoke.phase).splitlines()[0]
+  # The truth without noise: the same case, slice and phase as each record, so that it differs from the real slice
+  # by the noise only: far below identity in every enhancing organ, all of the enhancement, no error against itself.
+  true = aligned[quality.TRUTH]
+  assert true["hu/mae_truth"] == 0.0 and 2.0 < true["hu/mae"] < 0.5 * scores[0.0]["hu/mae"]   # the noise only
+  for organ in excess[0.0]:
+    assert true[f"{organ}/mae"] < 0.5 * scores[0.0][f"{organ}/mae"], organ
+    assert 0.8 < true[f"{organ}/ratio_pooled"] < 1.25, organ   # the converter resamples the real slice (12-mm pixels)
+    assert true[f"{organ}/mae_truth"] == 0.0 and scores[0.0][f"{organ}/mae_truth"] > 10.0, organ
+  assert "aorta MAE against the truth without noise (HU)" in quality.table(aligned, smoke.phase)
+  source = input_pipeline.load_source(heldout, smoke.phase, "test")
+  truth = quality.noise_free_truth(heldout, smoke.phase)
+  for case in evaluate.iter_cases(source):   # the air around the body: one value without noise, noisy in the real
+    air = ~ndimage.binary_dilation(case.body_mask.astype(bool), structure=np.ones((1, 5, 5)))
+    assert air.sum() > 100 and np.ptp(truth[case.case_id][case.slice_index][air]) == 0.0
+    assert np.ptp(case.post_hu[air]) > 10.0
+  other = quality.score_split(source, None, window, truth=quality.noise_free_truth(heldout, "delayed"))
+  assert other[quality.TRUTH]["aorta/mae"] > 3 * true["aorta/mae"]    # another phase's truth is no floor
+  renamed = {"not-a-case": v for v in truth.values()}
+  with pytest.raises(ValueError, match="not in the noise-free truth"):
+    quality.score_split(source, None, window, truth=renamed)
   with pytest.raises(SystemExit):
     quality.main(["--seed=1", f"--workdir={tmp_path / 'w'}", "--variant=smoke", "--test_motion_scale=0"])
 
@@ -137,3 +161,12 @@ def test_oracle_fills_organs_of_the_non_contrast_labels():
   oracle = quality.oracle_hu(case)
   np.testing.assert_allclose(oracle[0, :2, :2], np.mean([0, 10, 40, 50]))
   np.testing.assert_array_equal(oracle[0, 2:], post[0, 2:])
+
+
+def test_goal_lines_give_the_multiples_of_identity():
+  scores = {evaluate.MODEL: {"liver/mae": 13.0}, evaluate.IDENTITY: {"liver/mae": 26.0},
+            quality.TRUTH: {"liver/mae": 5.2}}
+  assert quality._goal_detail(scores, "liver MAE <= 0.5x identity") == " (model 0.50x, truth without noise 0.20x)"
+  del scores[quality.TRUTH]
+  assert quality._goal_detail(scores, "liver MAE <= 0.5x identity") == " (model 0.50x)"
+  assert quality._goal_detail(scores, "PSNR >= identity") == ""
