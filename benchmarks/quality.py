@@ -46,7 +46,9 @@ on the same records. The table compares three predictions of the contrast slice,
             noise, and the converter's resampling of it (its in-plane registration moves even a motionless pair
             by fractions of a pixel), set under every method. With it the table has a second block of rows: each
             method's error against that truth instead of the real slice (its own error, without the target's
-            noise), and the goals' lines give the floor's multiple of identity beside the model's.
+            noise), and the goals' lines give the floor's multiple of identity beside the model's. A second
+            table says where the model's error against that truth sits in each organ (`error_parts`): inside the
+            organ or on its rim, in patches (what is left after smoothing) or in the input's own noise passed on.
 
 Rows: whole-body MAE (HU, inside the body), PSNR (dB) and SSIM (HU mode, `vcect_jax.metrics.hu_metrics`), then for
 each enhancing organ of the phase (the organs that the phantom's table enhances by at least 10 HU in that phase,
@@ -120,11 +122,13 @@ def organ_errors(virtual: np.ndarray, real: np.ndarray, pre: np.ndarray, labels:
 
 
 def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
-                truth: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                truth: dict[str, np.ndarray] | None = None,
+                pre_truth: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
   """method -> {"hu/mae", "hu/psnr", "hu/ssim", "<organ>/mae", "<organ>/ratio", "<organ>/enhancement"}: means
   over the cases of `source` (nan skipped). `predict_fn` None: identity and oracle only. `truth` (case id -> the
   noise-free contrast volume on the records' grid, every slice of the case: `noise_free_truth`) adds the method
-  `TRUTH` and, for every method, "hu/mae_truth" and "<organ>/mae_truth": the errors against that truth."""
+  `TRUTH` and, for every method, "hu/mae_truth", "<organ>/mae_truth" (the errors against that truth) and
+  `error_parts`' keys; `pre_truth` (the same for the non-contrast series) adds "<organ>/noise_kept"."""
   per_method: dict[str, list[dict[str, float]]] = {}
   for case in evaluate.iter_cases(source):
     virtuals = {}
@@ -144,6 +148,7 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
                          "set again (`--test_seed`)")
       true = truth[case.case_id][case.slice_index]
       virtuals[TRUTH] = true
+    noise_in = None if pre_truth is None else pre - pre_truth[case.case_id][case.slice_index]
     body = case.body_mask.astype(bool)
     for method, virtual in virtuals.items():
       row = {f"hu/{k}": float(v) for k, v in metrics.hu_metrics(virtual, real, case.body_mask).items()}
@@ -158,6 +163,7 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
           if name in ENHANCING_ORGANS:
             inside = case.labels == value
             row[f"{name}/mae_truth"] = float(np.abs(virtual - true)[inside].mean()) if inside.any() else math.nan
+        row.update(error_parts(virtual - true, case.labels, noise_in))
       per_method.setdefault(method, []).append(row)
   out = {m: {k: v["mean"] for k, v in evaluate.summarize(rows).items()} for m, rows in per_method.items()}
   for scores in out.values():
@@ -168,6 +174,54 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
       enhanced = voxels > 0 and real_sum / voxels >= MIN_ENHANCEMENT_HU
       scores[f"{name}/ratio_pooled"] = virtual_sum / real_sum if enhanced else math.nan
   return out
+
+
+PARTS = (("interior_mae_truth", "MAE inside (HU)", ".1f"), ("rim_mae_truth", "MAE on the rim (HU)", ".1f"),
+         ("smooth_sd_truth", "SD of the smoothed error (HU)", ".1f"), ("noise_kept", "input noise kept", ".2f"))
+RIM_PX = 2
+SMOOTH_PX = 2.0
+MIN_INTERIOR_PX = 25   # fewer pixels inside than this (thin or small organs): no inside measures
+
+
+def error_parts(error: np.ndarray, labels: np.ndarray, noise_in: np.ndarray | None = None) -> dict[str, float]:
+  """Where an error against the truth without noise (S, H, W) sits, per enhancing organ of `labels`:
+  "<organ>/interior_mae_truth" and "<organ>/rim_mae_truth" (the organ's label `RIM_PX` pixels in from its edge, and
+  that rim: partial volume, sub-pixel shifts), "<organ>/smooth_sd_truth" (the SD inside of the error smoothed in
+  plane with a Gaussian of `SMOOTH_PX` pixels: patches painted brighter or darker, which smoothing keeps, where
+  pixel noise averages out) and, with `noise_in` (the non-contrast slice's own noise, HU), "<organ>/noise_kept": the
+  least-squares slope of the error on that noise inside (1: the input's noise passed on as it is, 0: removed).
+  nan where the organ has fewer than `MIN_INTERIOR_PX` pixels inside (a vessel, the kidney cortex)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  smooth = ndimage.gaussian_filter(error.astype(np.float32), sigma=(0.0, SMOOTH_PX, SMOOTH_PX))
+  out = {}
+  for name in ENHANCING_ORGANS:
+    inside = labels == metrics.ORGAN_LABELS[name]
+    interior = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), bool), iterations=RIM_PX)
+    rim = inside & ~interior
+    has = int(interior.sum()) >= MIN_INTERIOR_PX
+    out[f"{name}/interior_mae_truth"] = float(np.abs(error[interior]).mean()) if has else math.nan
+    out[f"{name}/rim_mae_truth"] = float(np.abs(error[rim]).mean()) if rim.any() else math.nan
+    out[f"{name}/smooth_sd_truth"] = float(smooth[interior].std()) if has else math.nan
+    if noise_in is not None:
+      n = noise_in[interior].astype(np.float64)
+      n, e = n - n.mean() if has else n, error[interior] - error[interior].mean() if has else error[interior]
+      out[f"{name}/noise_kept"] = float((e * n).sum() / (n * n).sum()) if has and n.any() else math.nan
+  return out
+
+
+def parts_table(scores: dict[str, dict[str, float]], phase: str | None = None) -> str:
+  """Where the model's and identity's errors against the truth without noise sit (`error_parts`), organs as
+  columns; empty without the truth."""
+  if TRUTH not in scores:
+    return ""
+  organs = enhancing_organs(scores, phase)
+  lines = ["| against the truth without noise | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+  for method in (m for m in (evaluate.MODEL, evaluate.IDENTITY) if m in scores):
+    for key, label, fmt in PARTS:
+      if any(f"{o}/{key}" in scores[method] for o in organs):
+        cells = [format(scores[method].get(f"{o}/{key}", math.nan), fmt) for o in organs]
+        lines.append(f"| {method}: {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def enhancing_organs(scores: dict[str, dict[str, float]], phase: str | None = None) -> list[str]:
@@ -255,10 +309,11 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
 
 
 def noise_free_truth(test_data_dir: str, phase: str) -> dict[str, np.ndarray] | None:
-  """case id -> (S, H, W) float32: the noise-free contrast series of `phase` of each case of a held-out set made
-  by `heldout_dataset` without motion (its `settings.json` and `phantom.hmac_key` beside `test_data_dir`), on the
-  records' grid (`phantom.synthesize_case(..., motion_scale=0, noise=False)`, resized as the converter resizes
-  HU). None for any other set: with motion, or not the phantom's, there is no truth on the non-contrast grid."""
+  """case id -> (S, H, W) float32: the noise-free series of `phase` (or 'non_contrast') of each case of a held-out
+  set made by `heldout_dataset` without motion (its `settings.json` and `phantom.hmac_key` beside
+  `test_data_dir`), on the records' grid (`phantom.synthesize_case(..., motion_scale=0, noise=False)`, resized as
+  the converter resizes HU). None for any other set: with motion, or not the phantom's, there is no truth on the
+  non-contrast grid."""
   import json  # pylint: disable=g-import-not-at-top
   from data_prep import privacy  # pylint: disable=g-import-not-at-top
   from data_prep import slices  # pylint: disable=g-import-not-at-top
@@ -331,13 +386,15 @@ def run(config, workdir: str, split: str = "test", train: bool = True, test_data
   window = hu.Window.from_config(loaded.config.data.window)
   source = input_pipeline.load_source(scored_dir, config.phase, split)
   truth = noise_free_truth(test_data_dir, config.phase) if test_data_dir else None
+  pre_truth = noise_free_truth(test_data_dir, "non_contrast") if truth is not None else None
   scores = score_split(source, evaluate.make_predict_fn(loaded.generator), window,
-                       batch_size=int(config.eval.batch_size), truth=truth)
+                       batch_size=int(config.eval.batch_size), truth=truth, pre_truth=pre_truth)
   reported = result["overall"][evaluate.MODEL]["hu/mae"]["mean"]
   if not math.isclose(reported, scores[evaluate.MODEL]["hu/mae"], rel_tol=1e-3, abs_tol=1e-3):
     raise AssertionError(f"eval mode's model MAE {reported} differs from the benchmark's "
                          f"{scores[evaluate.MODEL]['hu/mae']}: the two read different records")
-  return {"scores": scores, "table": table(scores, config.phase), "goals": goals(scores, config.phase),
+  return {"scores": scores, "table": table(scores, config.phase), "parts": parts_table(scores, config.phase),
+          "goals": goals(scores, config.phase),
           "eval": result, "train_seconds": seconds, "data_dir": data_dir, "test_data_dir": scored_dir}
 
 
@@ -409,6 +466,8 @@ def main(argv=None) -> dict:
   print(f"{args.phase}, trained on phantom seed {args.seed}, :{args.variant} {' '.join(args.set)}, {args.split} "
         f"split of the {scored} ({out['eval']['cases']} cases), training {out['train_seconds']:.0f} s")
   print(out["table"])
+  if out["parts"]:
+    print(out["parts"])
   for name, met in out["goals"].items():
     print(f"  {'met    ' if met else 'NOT met'}  {name}{_goal_detail(out['scores'], name)}")
   return out

@@ -98,8 +98,9 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
       assert json.load(f).get("motion_scale", 1.0) == scale
     truth = quality.noise_free_truth(heldout, smoke.phase)
     assert (truth is None) == (scale != 0.0)    # a truth on the non-contrast grid exists without motion only
+    pre_truth = quality.noise_free_truth(heldout, "non_contrast")
     aligned = quality.score_split(input_pipeline.load_source(heldout, smoke.phase, "test"), None, window,
-                                  truth=truth)
+                                  truth=truth, pre_truth=pre_truth)
     scores[scale] = aligned[evaluate.IDENTITY]   # the loop ends on scale 0: `aligned` is the aligned set's
   excess = {}
   for scale, identity in scores.items():
@@ -126,6 +127,21 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
     assert 0.8 < true[f"{organ}/ratio_pooled"] < 1.25, organ   # the converter resamples the real slice (12-mm pixels)
     assert true[f"{organ}/mae_truth"] == 0.0 and scores[0.0][f"{organ}/mae_truth"] > 10.0, organ
   assert "aorta MAE against the truth without noise (HU)" in quality.table(aligned, smoke.phase)
+  # Identity passes the non-contrast slice's own noise on as it is (slope 1); the truth has none to pass on. At 32 px
+  # no organ has an interior; the same phantom's records at 64 px (its own pixels) have the liver's.
+  assert "identity: input noise kept" in quality.parts_table(aligned, smoke.phase)
+  wide = smoke.copy_and_resolve_references()
+  wide.data.image_size = 64
+  heldout64 = quality.heldout_dataset(wide, seed=seed, out_dir=str(tmp_path / "wide"), cases=3, motion_scale=0.0)
+  at64 = quality.score_split(input_pipeline.load_source(heldout64, smoke.phase, "test"), None, window,
+                             truth=quality.noise_free_truth(heldout64, smoke.phase),
+                             pre_truth=quality.noise_free_truth(heldout64, "non_contrast"))
+  kept = [o for o in quality.ENHANCING_ORGANS if math.isfinite(at64[evaluate.IDENTITY].get(f"{o}/noise_kept",
+                                                                                             math.nan))]
+  assert "liver" in kept
+  for organ in kept:
+    assert abs(at64[evaluate.IDENTITY][f"{organ}/noise_kept"] - 1.0) < 0.05, organ
+    assert at64[quality.TRUTH][f"{organ}/noise_kept"] == 0.0, organ
   source = input_pipeline.load_source(heldout, smoke.phase, "test")
   truth = quality.noise_free_truth(heldout, smoke.phase)
   for case in evaluate.iter_cases(source):   # the air around the body: one value without noise, noisy in the real
@@ -170,3 +186,23 @@ def test_goal_lines_give_the_multiples_of_identity():
   del scores[quality.TRUTH]
   assert quality._goal_detail(scores, "liver MAE <= 0.5x identity") == " (model 0.50x)"
   assert quality._goal_detail(scores, "PSNR >= identity") == ""
+
+
+def test_error_parts_tell_noise_patches_and_rim_apart():
+  """An organ whose error is half the input's noise plus a bright patch, and a rim off by 30 HU: the parts find
+  each, and the identity-like error (the noise itself) keeps all of the noise and no patch."""
+  rng = np.random.default_rng(0)
+  labels = np.zeros((2, 48, 48), np.uint8)
+  labels[:, 8:40, 8:40] = quality.metrics.ORGAN_LABELS["liver"]
+  noise = rng.normal(0.0, 8.0, labels.shape).astype(np.float32)
+  patch = np.zeros(labels.shape, np.float32)
+  patch[:, 12:24, 12:24] = 20.0
+  rim = (labels > 0) & ~ndimage.binary_erosion(labels > 0, np.ones((1, 3, 3), bool), iterations=quality.RIM_PX)
+  error = 0.5 * noise + patch + 30.0 * rim
+  parts = quality.error_parts(error, labels, noise)
+  assert abs(parts["liver/noise_kept"] - 0.5) < 0.05
+  assert parts["liver/smooth_sd_truth"] > 5.0
+  assert parts["liver/rim_mae_truth"] > parts["liver/interior_mae_truth"] + 20.0
+  assert math.isnan(parts["aorta/interior_mae_truth"])    # absent organ
+  plain = quality.error_parts(noise, labels, noise)
+  assert abs(plain["liver/noise_kept"] - 1.0) < 1e-6 and plain["liver/smooth_sd_truth"] < 2.0
