@@ -250,8 +250,10 @@ def figure_cases(figures: list[dict], path: str, view: str = "axial", window=Non
     panels.append(([_view(np.asarray(case[k]), view, row) for k in ("pre", "real", "virtual")], aspect))
   # Rows as tall as their images are drawn (a coronal reformat of a short scan is a strip, not a square).
   heights = [min(1.0, image[0].shape[0] * aspect / max(image[0].shape[1], 1)) for image, aspect in panels]
-  fig = _figure(11.0, sum(0.45 + 2.15 * h for h in heights) + 0.6)
-  fig.subplots_adjust(wspace=0.3)
+  height = sum(0.45 + 2.15 * h for h in heights) + 0.6
+  fig = _figure(11.0, height)
+  # Margins in inches, not fractions of the height: a tall grid of many cases keeps the title next to it.
+  fig.subplots_adjust(wspace=0.3, top=1.0 - 0.7 / height, bottom=0.35 / height)
   axes = fig.subplots(n, 4, squeeze=False, gridspec_kw={"height_ratios": heights})
   columns = ("non-contrast", "real", "virtual", "|virtual − real| (HU)")
   for i, (case, (images, aspect)) in enumerate(zip(figures, panels)):
