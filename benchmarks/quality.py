@@ -159,10 +159,9 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
         row[f"{name}/enhancement"] = organs[name]["real_mean"] - organs[name]["pre_mean"]
       if true is not None:
         row["hu/mae_truth"] = float(np.abs(virtual - true)[body].mean()) if body.any() else math.nan
-        for name, value in metrics.ORGAN_LABELS.items():
-          if name in ENHANCING_ORGANS:
-            inside = case.labels == value
-            row[f"{name}/mae_truth"] = float(np.abs(virtual - true)[inside].mean()) if inside.any() else math.nan
+        for name in ENHANCING_ORGANS:
+          inside = case.labels == metrics.ORGAN_LABELS[name]
+          row[f"{name}/mae_truth"] = float(np.abs(virtual - true)[inside].mean()) if inside.any() else math.nan
         row.update(error_parts(virtual - true, case.labels, noise_in))
       per_method.setdefault(method, []).append(row)
   out = {m: {k: v["mean"] for k, v in evaluate.summarize(rows).items()} for m, rows in per_method.items()}
@@ -203,9 +202,12 @@ def error_parts(error: np.ndarray, labels: np.ndarray, noise_in: np.ndarray | No
     out[f"{name}/rim_mae_truth"] = float(np.abs(error[rim]).mean()) if rim.any() else math.nan
     out[f"{name}/smooth_sd_truth"] = float(smooth[interior].std()) if has else math.nan
     if noise_in is not None:
-      n = noise_in[interior].astype(np.float64)
-      n, e = n - n.mean() if has else n, error[interior] - error[interior].mean() if has else error[interior]
-      out[f"{name}/noise_kept"] = float((e * n).sum() / (n * n).sum()) if has and n.any() else math.nan
+      out[f"{name}/noise_kept"] = math.nan
+      if has:
+        n = noise_in[interior].astype(np.float64) - noise_in[interior].mean(dtype=np.float64)
+        e = error[interior].astype(np.float64) - error[interior].mean(dtype=np.float64)
+        if n.any():
+          out[f"{name}/noise_kept"] = float((e * n).sum() / (n * n).sum())
   return out
 
 
