@@ -75,8 +75,8 @@ def _demo(config):
   # 40 cases (24 train, 8 validation, 8 test): on a held-out phantom of another seed, 20 cases learned more of the
   # aorta's and kidney cortex's enhancement than 12 beyond the run-to-run noise; 1600 steps did not
   # (benchmarks/RESULTS.md, issue 12, round 4). 40 cases instead of 20 steady the seeds (the arterial liver
-  # 0.52-0.64x identity's MAE -> 0.53-0.54x, the patches a seed paints in it 5.0-11.5 -> 5.0-5.9 HU) and lower the
-  # delayed bladder (0.51-0.64x -> 0.47-0.48x: its goal met) and the portal liver (0.41-0.42x -> 0.34x), for ~35 s
+  # 0.52-0.64x identity's MAE -> 0.53-0.56x, the patches a seed paints in it 5.0-11.5 -> 5.0-5.9 HU) and lower the
+  # delayed bladder (0.51-0.64x -> 0.47-0.48x: its goal met) and the portal liver (0.41-0.42x -> 0.34-0.38x), for ~35 s
   # more phantom and conversion (benchmarks/RESULTS.md, issue 12, round 14). 32 slices of 2.5 mm over the same 80 mm
   # (not 16 of 5 mm): the local choice below then cuts each breathing organ within 1.25 mm of the non-contrast
   # slice's level instead of 2.5 mm, and the pairs' error without noise falls in the liver 19.7 -> 12.9 HU and the
