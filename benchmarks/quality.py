@@ -127,8 +127,8 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
   """method -> {"hu/mae", "hu/psnr", "hu/ssim", "<organ>/mae", "<organ>/ratio", "<organ>/enhancement"}: means
   over the cases of `source` (nan skipped). `predict_fn` None: identity and oracle only. `truth` (case id -> the
   noise-free contrast volume on the records' grid, every slice of the case: `noise_free_truth`) adds the method
-  `TRUTH` and, for every method, "hu/mae_truth", "<organ>/mae_truth" (the errors against that truth) and
-  `error_parts`' keys; `pre_truth` (the same for the non-contrast series) adds "<organ>/noise_kept"."""
+  `TRUTH` and, for every method, "hu/mae_truth" (the error against that truth) and `error_parts`' keys;
+  `pre_truth` (the same for the non-contrast series) adds "<organ>/noise_kept"."""
   per_method: dict[str, list[dict[str, float]]] = {}
   for case in evaluate.iter_cases(source):
     virtuals = {}
@@ -150,6 +150,7 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
       virtuals[TRUTH] = true
     noise_in = None if pre_truth is None else pre - pre_truth[case.case_id][case.slice_index]
     body = case.body_mask.astype(bool)
+    regions = organ_regions(case.labels) if true is not None else None   # the same for every method
     for method, virtual in virtuals.items():
       row = {f"hu/{k}": float(v) for k, v in metrics.hu_metrics(virtual, real, case.body_mask).items()}
       organs = metrics.organ_enhancement(virtual, real, pre, case.labels, min_enhancement_hu=MIN_ENHANCEMENT_HU)
@@ -159,10 +160,7 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
         row[f"{name}/enhancement"] = organs[name]["real_mean"] - organs[name]["pre_mean"]
       if true is not None:
         row["hu/mae_truth"] = float(np.abs(virtual - true)[body].mean()) if body.any() else math.nan
-        for name in ENHANCING_ORGANS:
-          inside = case.labels == metrics.ORGAN_LABELS[name]
-          row[f"{name}/mae_truth"] = float(np.abs(virtual - true)[inside].mean()) if inside.any() else math.nan
-        row.update(error_parts(virtual - true, case.labels, noise_in))
+        row.update(error_parts(virtual - true, regions, noise_in))
       per_method.setdefault(method, []).append(row)
   out = {m: {k: v["mean"] for k, v in evaluate.summarize(rows).items()} for m, rows in per_method.items()}
   for scores in out.values():
@@ -182,22 +180,34 @@ SMOOTH_PX = 2.0
 MIN_INTERIOR_PX = 25   # fewer pixels inside than this (thin or small organs): no inside measures
 
 
-def error_parts(error: np.ndarray, labels: np.ndarray, noise_in: np.ndarray | None = None) -> dict[str, float]:
-  """Where an error against the truth without noise (S, H, W) sits, per enhancing organ of `labels`:
-  "<organ>/interior_mae_truth" and "<organ>/rim_mae_truth" (the organ's label `RIM_PX` pixels in from its edge, and
-  that rim: partial volume, sub-pixel shifts), "<organ>/smooth_sd_truth" (the SD inside of the error smoothed in
-  plane with a Gaussian of `SMOOTH_PX` pixels: patches painted brighter or darker, which smoothing keeps, where
-  pixel noise averages out) and, with `noise_in` (the non-contrast slice's own noise, HU), "<organ>/noise_kept": the
-  least-squares slope of the error on that noise inside (1: the input's noise passed on as it is, 0: removed).
-  nan where the organ has fewer than `MIN_INTERIOR_PX` pixels inside (a vessel, the kidney cortex)."""
+def organ_regions(labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """organ -> (inside, interior, rim) boolean masks of each of `ENHANCING_ORGANS` in `labels` (S, H, W): its label,
+  that label `RIM_PX` pixels in from its edge (in plane), and the rest of the label."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  smooth = ndimage.gaussian_filter(error.astype(np.float32), sigma=(0.0, SMOOTH_PX, SMOOTH_PX))
   out = {}
   for name in ENHANCING_ORGANS:
     inside = labels == metrics.ORGAN_LABELS[name]
     interior = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), bool), iterations=RIM_PX)
-    rim = inside & ~interior
+    out[name] = (inside, interior, inside & ~interior)
+  return out
+
+
+def error_parts(error: np.ndarray, regions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                noise_in: np.ndarray | None = None) -> dict[str, float]:
+  """Where an error against the truth without noise (S, H, W) sits, per organ of `regions` (`organ_regions`):
+  "<organ>/mae_truth" (inside its label), "<organ>/interior_mae_truth" and "<organ>/rim_mae_truth" (the label
+  `RIM_PX` pixels in from its edge, and that rim: partial volume, sub-pixel shifts), "<organ>/smooth_sd_truth"
+  (the SD inside of the error smoothed in plane with a Gaussian of `SMOOTH_PX` pixels: patches painted brighter or
+  darker, which smoothing keeps, where pixel noise averages out) and, with `noise_in` (the non-contrast slice's
+  own noise, HU), "<organ>/noise_kept": the least-squares slope of the error on that noise inside (1: the input's
+  noise passed on as it is, 0: removed). nan where the organ has fewer than `MIN_INTERIOR_PX` pixels inside (a
+  vessel, the kidney cortex)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  smooth = ndimage.gaussian_filter(error.astype(np.float32), sigma=(0.0, SMOOTH_PX, SMOOTH_PX))
+  out = {}
+  for name, (inside, interior, rim) in regions.items():
     has = int(interior.sum()) >= MIN_INTERIOR_PX
+    out[f"{name}/mae_truth"] = float(np.abs(error[inside]).mean()) if inside.any() else math.nan
     out[f"{name}/interior_mae_truth"] = float(np.abs(error[interior]).mean()) if has else math.nan
     out[f"{name}/rim_mae_truth"] = float(np.abs(error[rim]).mean()) if rim.any() else math.nan
     out[f"{name}/smooth_sd_truth"] = float(smooth[interior].std()) if has else math.nan
@@ -260,7 +270,7 @@ def table(scores: dict[str, dict[str, float]], phase: str | None = None) -> str:
   if TRUTH in scores:
     rows += [("whole-body MAE against the truth without noise (HU)", "hu/mae_truth", ".1f")]
     rows += [(f"{o} MAE against the truth without noise (HU)", f"{o}/mae_truth", ".1f") for o in organs]
-  gap = evaluate.MODEL in scores and ORACLE in scores
+  gap = evaluate.MODEL in scores
   lines = ["| metric | " + " | ".join(methods) + (" | model - oracle |" if gap else " |"),
            "|---|" + "---|" * (len(methods) + gap)]
   for label, key, fmt in rows:
@@ -310,9 +320,10 @@ def heldout_dataset(config, seed: int, out_dir: str, cases: int = 0, slices: int
   return converted
 
 
-def noise_free_truth(test_data_dir: str, phase: str) -> dict[str, np.ndarray] | None:
-  """case id -> (S, H, W) float32: the noise-free series of `phase` (or 'non_contrast') of each case of a held-out
-  set made by `heldout_dataset` without motion (its `settings.json` and `phantom.hmac_key` beside
+def noise_free_truth(test_data_dir: str, phases: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]] | None:
+  """phase -> case id -> (S, H, W) float32: the noise-free series of each of `phases` (contrast phases or
+  'non_contrast'; each case rendered once for all of them) of each case of a held-out set made by
+  `heldout_dataset` without motion (its `settings.json` and `phantom.hmac_key` beside
   `test_data_dir`), on the records' grid (`phantom.synthesize_case(..., motion_scale=0, noise=False)`, resized as
   the converter resizes HU). None for any other set: with motion, or not the phantom's, there is no truth on the
   non-contrast grid."""
@@ -332,7 +343,8 @@ def noise_free_truth(test_data_dir: str, phase: str) -> dict[str, np.ndarray] | 
     return None
   key, _ = privacy.load_or_create_key(test_data_dir, key_file)
   g = settings["phantom"]
-  out = {}
+  size = int(settings["image_size"])
+  out = {phase: {} for phase in phases}
   for index in range(int(g["cases"])):
     case = phantom_cases.synthesize_case(index, int(g["seed"]), int(g["size"]), int(g["slices"]),
                                          float(g["slice_thickness"]), float(g["pixel_spacing"]), motion_scale=0.0,
@@ -340,8 +352,8 @@ def noise_free_truth(test_data_dir: str, phase: str) -> dict[str, np.ndarray] | 
     who = case.identity
     case_id = privacy.case_id(key, privacy.patient_identity(who["PatientID"], who["PatientName"],
                                                             who["PatientBirthDate"], fallback=who["StudyInstanceUID"]))
-    size = int(settings["image_size"])
-    out[case_id] = slices.resize_square(case.hu[phase], size, False, slices.AIR_HU).astype(np.float32)
+    for phase in phases:
+      out[phase][case_id] = slices.resize_square(case.hu[phase], size, False, slices.AIR_HU).astype(np.float32)
   return out
 
 
@@ -387,8 +399,8 @@ def run(config, workdir: str, split: str = "test", train: bool = True, test_data
   loaded = checkpoint.load_generator(workdir)
   window = hu.Window.from_config(loaded.config.data.window)
   source = input_pipeline.load_source(scored_dir, config.phase, split)
-  truth = noise_free_truth(test_data_dir, config.phase) if test_data_dir else None
-  pre_truth = noise_free_truth(test_data_dir, "non_contrast") if truth is not None else None
+  series = noise_free_truth(test_data_dir, (config.phase, "non_contrast")) if test_data_dir else None
+  truth, pre_truth = (series[config.phase], series["non_contrast"]) if series else (None, None)
   scores = score_split(source, evaluate.make_predict_fn(loaded.generator), window,
                        batch_size=int(config.eval.batch_size), truth=truth, pre_truth=pre_truth)
   reported = result["overall"][evaluate.MODEL]["hu/mae"]["mean"]

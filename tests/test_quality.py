@@ -96,9 +96,9 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
     heldout = quality.heldout_dataset(smoke, seed=seed, out_dir=root, cases=3, motion_scale=scale)
     with open(os.path.join(root, "settings.json")) as f:
       assert json.load(f).get("motion_scale", 1.0) == scale
-    truth = quality.noise_free_truth(heldout, smoke.phase)
-    assert (truth is None) == (scale != 0.0)    # a truth on the non-contrast grid exists without motion only
-    pre_truth = quality.noise_free_truth(heldout, "non_contrast")
+    series = quality.noise_free_truth(heldout, (smoke.phase, "non_contrast"))
+    assert (series is None) == (scale != 0.0)    # a truth on the non-contrast grid exists without motion only
+    truth, pre_truth = (series[smoke.phase], series["non_contrast"]) if series else (None, None)
     aligned = quality.score_split(input_pipeline.load_source(heldout, smoke.phase, "test"), None, window,
                                   truth=truth, pre_truth=pre_truth)
     scores[scale] = aligned[evaluate.IDENTITY]   # the loop ends on scale 0: `aligned` is the aligned set's
@@ -133,9 +133,9 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
   wide = smoke.copy_and_resolve_references()
   wide.data.image_size = 64
   heldout64 = quality.heldout_dataset(wide, seed=seed, out_dir=str(tmp_path / "wide"), cases=3, motion_scale=0.0)
+  series64 = quality.noise_free_truth(heldout64, (smoke.phase, "non_contrast"))
   at64 = quality.score_split(input_pipeline.load_source(heldout64, smoke.phase, "test"), None, window,
-                             truth=quality.noise_free_truth(heldout64, smoke.phase),
-                             pre_truth=quality.noise_free_truth(heldout64, "non_contrast"))
+                             truth=series64[smoke.phase], pre_truth=series64["non_contrast"])
   kept = [o for o in quality.ENHANCING_ORGANS if math.isfinite(at64[evaluate.IDENTITY].get(f"{o}/noise_kept",
                                                                                              math.nan))]
   assert "liver" in kept
@@ -143,12 +143,12 @@ def test_heldout_set_of_aligned_pairs(tmp_path):
     assert abs(at64[evaluate.IDENTITY][f"{organ}/noise_kept"] - 1.0) < 0.05, organ
     assert at64[quality.TRUTH][f"{organ}/noise_kept"] == 0.0, organ
   source = input_pipeline.load_source(heldout, smoke.phase, "test")
-  truth = quality.noise_free_truth(heldout, smoke.phase)
+  truth = quality.noise_free_truth(heldout, (smoke.phase,))[smoke.phase]
   for case in evaluate.iter_cases(source):   # the air around the body: one value without noise, noisy in the real
     air = ~ndimage.binary_dilation(case.body_mask.astype(bool), structure=np.ones((1, 5, 5)))
     assert air.sum() > 100 and np.ptp(truth[case.case_id][case.slice_index][air]) == 0.0
     assert np.ptp(case.post_hu[air]) > 10.0
-  other = quality.score_split(source, None, window, truth=quality.noise_free_truth(heldout, "delayed"))
+  other = quality.score_split(source, None, window, truth=quality.noise_free_truth(heldout, ("delayed",))["delayed"])
   assert other[quality.TRUTH]["aorta/mae"] > 3 * true["aorta/mae"]    # another phase's truth is no floor
   renamed = {"not-a-case": v for v in truth.values()}
   with pytest.raises(ValueError, match="not in the noise-free truth"):
@@ -199,10 +199,10 @@ def test_error_parts_tell_noise_patches_and_rim_apart():
   patch[:, 12:24, 12:24] = 20.0
   rim = (labels > 0) & ~ndimage.binary_erosion(labels > 0, np.ones((1, 3, 3), bool), iterations=quality.RIM_PX)
   error = 0.5 * noise + patch + 30.0 * rim
-  parts = quality.error_parts(error, labels, noise)
+  parts = quality.error_parts(error, quality.organ_regions(labels), noise)
   assert abs(parts["liver/noise_kept"] - 0.5) < 0.05
   assert parts["liver/smooth_sd_truth"] > 5.0
   assert parts["liver/rim_mae_truth"] > parts["liver/interior_mae_truth"] + 20.0
   assert math.isnan(parts["aorta/interior_mae_truth"])    # absent organ
-  plain = quality.error_parts(noise, labels, noise)
+  plain = quality.error_parts(noise, quality.organ_regions(labels), noise)
   assert abs(plain["liver/noise_kept"] - 1.0) < 1e-6 and plain["liver/smooth_sd_truth"] < 2.0
