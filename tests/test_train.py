@@ -113,6 +113,27 @@ def test_demo_loss_recipe_inside_the_step():
   np.testing.assert_allclose(m["g_pixel_global"], np.abs(batch["pre"][..., 1:2] - batch["post"]).mean(), rtol=1e-5)
 
 
+def test_shared_generator_running_statistics_follow_the_whole_images():
+  """The local path's quadrants are normalised with their own batch statistics, but only the global path's call on
+  the whole images moves the shared generator's BatchNorm running averages (which evaluation and inference use on
+  whole images): after one step they are those of one training-mode call on the batch's whole images."""
+  config = smoke_config()
+  assert config.dual_path.enabled and config.dual_path.shared_generator
+  before, after, _ = _one_step(config)
+  initial = [np.array(x) for x in jax.tree.leaves(nnx.filter_state(before["generators"]["global_net"],
+                                                                   nnx.BatchStat))]
+  generator = models.Generator(config.model.generator, rngs=nnx.Rngs(0))
+  nnx.update(generator, jax.tree.map(jax.numpy.asarray, before["generators"]["global_net"]))
+  generator.train()
+  generator(_random_batch(config)["pre"])   # the whole images only
+  expected = jax.tree.leaves(nnx.state(generator, nnx.BatchStat))
+  got = jax.tree.leaves(nnx.filter_state(after["generators"]["global_net"], nnx.BatchStat))
+  assert len(expected) == len(got) == len(initial) > 0
+  for e, g, i in zip(expected, got, initial):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+  assert any(not np.allclose(g, i) for g, i in zip(got, initial))   # the step did move them
+
+
 def test_ema_generator_averages_the_trained_one():
   """`train.ema_decay`: after one step the average is d * initial + (1 - d) * trained, d = min(decay, 2 / 11);
   BatchNorm statistics are the trained generator's; evaluation uses the average (`method.generator`)."""
