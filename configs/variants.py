@@ -67,6 +67,9 @@ def _smoke(config):
 
 
 def _demo(config):
+  # The figures quoted below were measured before the generator's BatchNorm averages followed the whole images only
+  # (round 15): that fix lowered the arterial ratios (aorta 0.90-0.94 -> 0.77-0.85, kidney cortex 0.66-0.79 ->
+  # 0.62-0.76) and the liver's error (0.53-0.56x -> 0.49-0.54x identity's), the same trained parameters.
   # 96 px (4-mm pixels of the 128-px, 3-mm phantom): the kidney cortex is 1-2 pixels wide instead of the 64-px
   # kidney's one-pixel outline; the arterial model's kidney cortex ratio on held-out aligned pairs 0.59-0.61 ->
   # 0.69-0.74 (portal 0.75-0.76 -> 0.79-0.86) at the same whole-body margin over identity, no phase losing a goal,
