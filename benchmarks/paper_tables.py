@@ -18,7 +18,9 @@ For every phase and row it trains `configs/<phase>.py:<variant>` (row `proposed`
 Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain` (one pretext encoder, shared; one
 more under `<workdir>/window_W<width>_L<level>/` for each other CT window of the phases: the arterial and delayed `:demo`),
 `<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
-finished (`done.json`) and evaluates again. `--dry_run` checks the machinery: the smoke variant, 2 steps per run.
+finished (`done.json`) and evaluates again; a finished run trained on other data than the work directory holds now
+(the phantom is made again when the variant's settings change) stops the rerun with what to do. `--dry_run`
+checks the machinery: the smoke variant, 2 steps per run.
 
 Cross-validation (paper section 4.3.2): `--folds=K` runs everything once per fold (`data.fold=k`, the phantom
 converted with fold k as the test split) under `<workdir>/fold_<k>/`, then writes the tables of each fold there and
@@ -103,6 +105,28 @@ def shared_inputs(args) -> tuple[str, dict]:
   return data_dir, pretexts
 
 
+def trained_on(config, data_dir: str) -> dict:
+  """What a run's training data was: the records' folder and the settings that made them (the phantom's, as the
+  data's `settings.json` stamp has them), kept in the run's `done.json`."""
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+
+  return {"dir": os.path.abspath(data_dir), "settings": prepare.phantom_settings(config)}
+
+
+def check_reusable(done: str, data: dict) -> None:
+  """Refuses to reuse a finished run that was trained on other data than the work directory's now (the phantom is
+  made again when the variant's settings change, e.g. its number of cases): its test split could hold the run's own
+  training cases, and its row would not be comparable with the others."""
+  with open(done) as f:
+    recorded = json.load(f).get("data")
+  if recorded != data:
+    run_dir = os.path.dirname(done)
+    was = "not recorded (a run from before this check)" if recorded is None else json.dumps(recorded["settings"])
+    raise SystemExit(f"paper_tables: {run_dir} finished on other training data than this work directory's now "
+                     f"(its data: {was}; now: {json.dumps(data['settings'])} in {data['dir']}). Delete that run "
+                     "folder to train it again on the current data, or use a fresh --workdir.")
+
+
 def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   """Trains (unless done) and evaluates one row of one phase; returns the evaluation's overall numbers."""
   from vcect_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -115,13 +139,16 @@ def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   config.perceptual.pretext_checkpoint = pretext
   run_dir = os.path.join(args.workdir, phase, row)
   done = os.path.join(run_dir, "done.json")
+  data = trained_on(config, data_dir)
   timings = {}
-  if not os.path.exists(done):
+  if os.path.exists(done):
+    check_reusable(done, data)
+  else:
     start = time.time()
     train.train_and_evaluate(config, run_dir)
     timings["train_s"] = time.time() - start
     with open(done, "w") as f:
-      json.dump(timings, f)
+      json.dump({**timings, "data": data}, f)
   config.mode = "eval"
   config.eval.checkpoint = run_dir
   config.eval.split = args.split

@@ -1,6 +1,9 @@
 """benchmarks/paper_tables.py: the tables it writes (its runs are benchmarks, not tests)."""
 
 import argparse
+import json
+
+import pytest
 
 from benchmarks import paper_tables
 
@@ -17,3 +20,23 @@ def test_paper_tables_name_each_phases_window(tmp_path):
   args = argparse.Namespace(workdir=str(tmp_path), variant="demo", split="test", folds=0)
   table1 = open(paper_tables.write_tables(results, args)[0]).read()
   assert "through each phase's CT window (arterial W600/L130, portal W400/L30)" in table1
+
+
+def test_a_finished_run_on_other_data_is_not_reused(tmp_path):
+  """A rerun reuses a finished run (`done.json`) only if it was trained on the data the work directory holds now:
+  after the phantom was made again with other settings, it stops with what to do instead of mixing rows trained on
+  other cases (maybe the new test split's) into the tables."""
+  from tests.conftest import smoke_config  # pylint: disable=g-import-not-at-top
+
+  config = smoke_config()
+  data = paper_tables.trained_on(config, str(tmp_path / "data"))
+  done = tmp_path / "done.json"
+  done.write_text(json.dumps({"train_s": 1.0, "data": data}))
+  paper_tables.check_reusable(str(done), data)   # the same data: reused
+  config.data.phantom.cases += 1
+  other = paper_tables.trained_on(config, str(tmp_path / "data"))
+  with pytest.raises(SystemExit, match="other training data.*Delete that run folder"):
+    paper_tables.check_reusable(str(done), other)
+  done.write_text(json.dumps({"train_s": 1.0}))   # a run from before the check
+  with pytest.raises(SystemExit, match="not recorded"):
+    paper_tables.check_reusable(str(done), data)
