@@ -128,13 +128,10 @@ def generate(gens: Generators, pre: jax.Array, paths) -> dict[str, jax.Array]:
   """
   out = {"global": gens.global_net(pre)}
   if "local" in paths:
-    shared = gens.local_net is gens.global_net
-    whole_image_stats = nnx.state(gens.global_net, nnx.BatchStat).to_pure_dict() if shared else None
-    out["local"] = dual_path.assemble(gens.local_net(dual_path.quadrants(pre)))
-    if shared:
-      stats = nnx.state(gens.global_net, nnx.BatchStat)
-      stats.replace_by_pure_dict(whole_image_stats)
-      nnx.update(gens.global_net, stats)
+    local_net = gens.local_net
+    if local_net is gens.global_net:  # a copy with the same parameters: its running-average update is not kept
+      local_net = nnx.merge(*nnx.split(local_net), copy=True)
+    out["local"] = dual_path.assemble(local_net(dual_path.quadrants(pre)))
   return out
 
 
