@@ -48,7 +48,8 @@ on the same records. The table compares three predictions of the contrast slice,
             method's error against that truth instead of the real slice (its own error, without the target's
             noise), and the goals' lines give the floor's multiple of identity beside the model's. A second
             table says where the model's error against that truth sits in each organ (`error_parts`): inside the
-            organ or on its rim, in patches (what is left after smoothing) or in the input's own noise passed on.
+            organ or on its rim, painted brighter near its edge than deep inside (a halo: what misaligned
+            training pairs teach), in patches (what is left after smoothing) or in the input's own noise passed on.
 
 Rows: whole-body MAE (HU, inside the body), PSNR (dB) and SSIM (HU mode, `vcect_jax.metrics.hu_metrics`), then for
 each enhancing organ of the phase (the organs that the phantom's table enhances by at least 10 HU in that phase,
@@ -174,25 +175,31 @@ def score_split(source, predict_fn, window: hu.Window, batch_size: int = 8,
 
 
 PARTS = (("interior_mae_truth", "MAE inside (HU)", ".1f"), ("rim_mae_truth", "MAE on the rim (HU)", ".1f"),
+         ("near_edge_bias_truth", "mean error 2-4 px in from the edge (HU)", "+.1f"),
+         ("deep_bias_truth", "mean error deeper in (HU)", "+.1f"),
          ("smooth_sd_truth", "SD of the smoothed error (HU)", ".1f"), ("noise_kept", "input noise kept", ".2f"))
 RIM_PX = 2
+DEEP_PX = 4
 SMOOTH_PX = 2.0
 MIN_INTERIOR_PX = 25   # fewer pixels inside than this (thin or small organs): no inside measures
 
 
-def organ_regions(labels: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """organ -> (inside, interior, rim) boolean masks of each of `ENHANCING_ORGANS` in `labels` (S, H, W): its label,
-  that label `RIM_PX` pixels in from its edge (in plane), and the rest of the label."""
+def organ_regions(labels: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+  """organ -> (inside, interior, rim, deep) boolean masks of each of `ENHANCING_ORGANS` in `labels` (S, H, W): its
+  label, that label `RIM_PX` pixels in from its edge (in plane), the rest of the label, and the label `DEEP_PX`
+  pixels in from its edge."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   out = {}
+  square = np.ones((1, 3, 3), bool)
   for name in ENHANCING_ORGANS:
     inside = labels == metrics.ORGAN_LABELS[name]
-    interior = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), bool), iterations=RIM_PX)
-    out[name] = (inside, interior, inside & ~interior)
+    interior = ndimage.binary_erosion(inside, structure=square, iterations=RIM_PX)
+    deep = ndimage.binary_erosion(interior, structure=square, iterations=DEEP_PX - RIM_PX)
+    out[name] = (inside, interior, inside & ~interior, deep)
   return out
 
 
-def error_parts(error: np.ndarray, regions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+def error_parts(error: np.ndarray, regions: dict[str, tuple[np.ndarray, ...]],
                 noise_in: np.ndarray | None = None) -> dict[str, float]:
   """Where an error against the truth without noise (S, H, W) sits, per organ of `regions` (`organ_regions`):
   "<organ>/mae_truth" (inside its label), "<organ>/interior_mae_truth" and "<organ>/rim_mae_truth" (the label
@@ -200,17 +207,24 @@ def error_parts(error: np.ndarray, regions: dict[str, tuple[np.ndarray, np.ndarr
   (the SD inside of the error smoothed in plane with a Gaussian of `SMOOTH_PX` pixels: patches painted brighter or
   darker, which smoothing keeps, where pixel noise averages out) and, with `noise_in` (the non-contrast slice's
   own noise, HU), "<organ>/noise_kept": the least-squares slope of the error on that noise inside (1: the input's
-  noise passed on as it is, 0: removed). nan where the organ has fewer than `MIN_INTERIOR_PX` pixels inside (a
-  vessel, the kidney cortex)."""
+  noise passed on as it is, 0: removed). "<organ>/near_edge_bias_truth" and "<organ>/deep_bias_truth": the mean
+  signed error from `RIM_PX` to `DEEP_PX` pixels in from the edge, and deeper: a halo (an organ painted brighter
+  or darker near its edge than deep inside, as misaligned training pairs teach) shows as a difference of the two.
+  nan where the organ has fewer than `MIN_INTERIOR_PX` pixels inside (a vessel, the kidney cortex), or deep
+  inside."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   smooth = ndimage.gaussian_filter(error.astype(np.float32), sigma=(0.0, SMOOTH_PX, SMOOTH_PX))
   out = {}
-  for name, (inside, interior, rim) in regions.items():
+  for name, (inside, interior, rim, deep) in regions.items():
     has = int(interior.sum()) >= MIN_INTERIOR_PX
+    has_deep = int(deep.sum()) >= MIN_INTERIOR_PX
     out[f"{name}/mae_truth"] = float(np.abs(error[inside]).mean()) if inside.any() else math.nan
     out[f"{name}/interior_mae_truth"] = float(np.abs(error[interior]).mean()) if has else math.nan
     out[f"{name}/rim_mae_truth"] = float(np.abs(error[rim]).mean()) if rim.any() else math.nan
     out[f"{name}/smooth_sd_truth"] = float(smooth[interior].std()) if has else math.nan
+    near = interior & ~deep
+    out[f"{name}/near_edge_bias_truth"] = float(error[near].mean()) if has_deep and near.any() else math.nan
+    out[f"{name}/deep_bias_truth"] = float(error[deep].mean()) if has_deep else math.nan
     if noise_in is not None:
       out[f"{name}/noise_kept"] = math.nan
       if has:

@@ -206,3 +206,20 @@ def test_error_parts_tell_noise_patches_and_rim_apart():
   assert math.isnan(parts["aorta/interior_mae_truth"])    # absent organ
   plain = quality.error_parts(noise, quality.organ_regions(labels), noise)
   assert abs(plain["liver/noise_kept"] - 1.0) < 1e-6 and plain["liver/smooth_sd_truth"] < 2.0
+
+
+def test_error_parts_find_a_halo_painted_near_the_edge():
+  """An organ painted 6 HU too bright 2-4 px in from its edge and 1 HU deeper (what misaligned training pairs
+  teach): the two mean errors tell the halo from an even offset; a halo-free error reads the same in both."""
+  labels = np.zeros((2, 48, 48), np.uint8)
+  labels[:, 8:40, 8:40] = quality.metrics.ORGAN_LABELS["liver"]
+  organ = labels > 0
+  square = np.ones((1, 3, 3), bool)
+  interior = ndimage.binary_erosion(organ, square, iterations=quality.RIM_PX)
+  deep = ndimage.binary_erosion(organ, square, iterations=quality.DEEP_PX)
+  error = np.where(deep, 1.0, np.where(interior, 6.0, 0.0)).astype(np.float32)
+  parts = quality.error_parts(error, quality.organ_regions(labels))
+  assert abs(parts["liver/near_edge_bias_truth"] - 6.0) < 1e-6 and abs(parts["liver/deep_bias_truth"] - 1.0) < 1e-6
+  even = quality.error_parts(np.full(labels.shape, 2.0, np.float32), quality.organ_regions(labels))
+  assert even["liver/near_edge_bias_truth"] == even["liver/deep_bias_truth"] == 2.0
+  assert math.isnan(parts["kidney_cortex/deep_bias_truth"])   # absent organ
