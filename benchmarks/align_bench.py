@@ -24,6 +24,9 @@ contrast phase's organ masks travel through exactly the transforms the converter
                 rendered without noise and without motion is reported (HU; at `--record_size`), with the share of
                 pixels off by more than 50 HU and, for scale, the organ's mean true enhancement there. 0 for
                 perfect pairs: noise is not part of it.
+  pair halo:    the same error signed, 2-4 px in from each organ's edge and deeper in (`edge_bands`): pairs that
+                cut a breathing organ at another level are off near its edge more than deep inside, and a model
+                learns that halo (benchmarks/RESULTS.md, issue 12, round 16). 0 / 0 for perfect pairs.
 The input is `data_prep.phantom.synthesize_case` in memory (the same arrays the DICOM files hold).
 """
 
@@ -33,6 +36,7 @@ import argparse
 import time
 
 import numpy as np
+from scipy import ndimage
 
 from data_prep import align
 from data_prep import register
@@ -47,6 +51,11 @@ OPTIONS = {
     "resample": register.Options(through_plane="resample"),
     "local": register.Options(through_plane="local"),
     "local5": register.Options(through_plane="local", local_reach_mm=5.0),
+    "local_margin1": register.Options(through_plane="local", local_margin_hu=1.0),
+    "local_sigma3": register.Options(through_plane="local", local_sigma_mm=3.0),
+    "local_sigma8": register.Options(through_plane="local", local_sigma_mm=8.0),
+    "local_shift3": register.Options(through_plane="local", local_shift_mm=3.0),
+    "local+demons": register.Options(through_plane="local", deformable="demons", grid_mm=20.0, deformable_size=128),
     "bspline": register.Options(deformable="bspline"),
     "demons": register.Options(deformable="demons"),
     "resample+bspline": register.Options(through_plane="resample", deformable="bspline"),
@@ -108,6 +117,7 @@ def measure_case(case, option: register.Options, max_misalignment_px: float = 6.
                                          if record_size else image)
     enhancement = {name: [0.0, 0.0] for name in KEPT_ORGANS}
     error = {name: [0.0, 0, 0, 0.0] for name in KEPT_ORGANS}
+    halo = {name: [0.0, 0, 0.0, 0] for name in KEPT_ORGANS}
     for p in result.pairs if still is not None or truth is not None else ():
       if p.excluded is not None:
         continue
@@ -130,11 +140,28 @@ def measure_case(case, option: register.Options, max_misalignment_px: float = 6.
           error[name][1] += int(m.sum())
           error[name][2] += int(np.sum(e > 50.0))
           error[name][3] += float(np.sum(true[m] - base[m]))
+          near, deep = edge_bands(m)
+          halo[name][0] += float(np.sum(paired[near] - true[near]))
+          halo[name][1] += int(near.sum())
+          halo[name][2] += float(np.sum(paired[deep] - true[deep]))
+          halo[name][3] += int(deep.sum())
     if still is not None:
       out[phase]["enhancement"] = enhancement
     if truth is not None:
       out[phase]["pair_error"] = error
+      out[phase]["pair_halo"] = halo
   return out
+
+
+def edge_bands(mask: np.ndarray, near_px: int = 2, deep_px: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """A 2-D organ mask's pixels from `near_px` to `deep_px` pixels in from its edge, and deeper (square erosion, as
+  `benchmarks.quality.organ_regions`)."""
+  square = np.ones((3, 3), bool)
+  interior = ndimage.binary_erosion(mask, structure=square, iterations=near_px) if mask.any() else mask
+  if not interior.any():
+    return interior, interior
+  deep = ndimage.binary_erosion(interior, structure=square, iterations=deep_px - near_px)
+  return interior & ~deep, deep
 
 
 def identity_case(case) -> dict:
@@ -204,6 +231,13 @@ def pair_error_table(results: dict[str, list[dict]]) -> str:
       f"{total / n:.1f}, {off / n:.0%} ({enhancement / n:.0f})" if n else "-"))
 
 
+def pair_halo_table(results: dict[str, list[dict]]) -> str:
+  """Per option and phase, the pairs' mean signed error (HU, pooled over cases) 2-4 px in from each organ's edge and
+  deeper: a positive difference is a halo the pairs teach (the organ brighter near its edge than its truth)."""
+  return _organ_table(results, "pair_halo", lambda near, n_near, deep, n_deep: (
+      f"{near / n_near:+.1f} / {deep / n_deep:+.1f}" if n_near and n_deep else "-"))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cases", type=int, default=4)
@@ -242,6 +276,9 @@ def main(argv=None):
   print(f"\npair error{where}: mean |paired - true| HU over the non-contrast organ mask without noise, share of "
         "pixels off by > 50 HU (the organ's mean true enhancement there, HU), pooled over the cases:")
   print(pair_error_table(results))
+  print(f"\npair halo{where}: mean (paired - true) HU without noise 2-4 px in from the organ's edge / deeper in, "
+        "pooled over the cases:")
+  print(pair_halo_table(results))
 
 
 if __name__ == "__main__":

@@ -198,7 +198,19 @@ def test_align_bench_enhancement_kept_is_one_without_motion_and_less_with_it(cap
                     "--record_size", "32"])
   printed = capsys.readouterr().out
   assert "| local | arterial |" in printed and "| paper |" in printed and "at 32 px (the records)" in printed
-  assert "pair error at 32 px" in printed
+  assert "pair error at 32 px" in printed and "pair halo at 32 px" in printed
+
+
+def test_align_bench_edge_bands():
+  from benchmarks import align_bench  # pylint: disable=import-outside-toplevel
+
+  mask = np.zeros((32, 32), bool)
+  mask[6:26, 6:26] = True   # 20 x 20: 2 px in leaves 16 x 16, 4 px in 12 x 12
+  near, deep = align_bench.edge_bands(mask)
+  assert deep.sum() == 144 and near.sum() == 256 - 144 and not (near & deep).any()
+  assert deep[6 + 4:26 - 4, 6 + 4:26 - 4].all() and not near[6:8].any()
+  empty = align_bench.edge_bands(np.zeros((8, 8), bool))
+  assert not empty[0].any() and not empty[1].any()
 
 
 def test_align_bench_pair_error_is_near_zero_without_motion_and_large_with_it():
@@ -207,13 +219,19 @@ def test_align_bench_pair_error_is_near_zero_without_motion_and_large_with_it():
   geometry = (64, 8, 5.0, 6.0)
   truth = (cases.synthesize_case(0, 3, *geometry, noise=False),
            cases.synthesize_case(0, 3, *geometry, motion_scale=0.0, noise=False))
+  halos = {}
   def error(case, truth):
     out = align_bench.measure_case(case, register.Options(), truth=truth)
+    halos[len(halos)] = [out[p]["pair_halo"]["liver"] for p in align_bench.PHASES]
     return {p: out[p]["pair_error"]["liver"][0] / out[p]["pair_error"]["liver"][1] for p in align_bench.PHASES}
   still = error(cases.synthesize_case(0, 3, *geometry, motion_scale=0.0), (truth[1], truth[1]))
   moving = error(cases.synthesize_case(0, 3, *geometry), truth)
   assert max(still.values()) < 3.0, still  # noise-free, motion-free pairs: ECC's interpolation only (HU)
   assert min(moving.values()) > 10.0, moving  # breathing moved the liver: the nearest slice cuts it elsewhere
+  for near, n_near, deep, n_deep in halos[0]:   # motion-free pairs: no bias near the liver's edge (or deeper)
+    assert n_near > 0 and abs(near / n_near) < 3.0 and (n_deep == 0 or abs(deep / n_deep) < 3.0)
+  # With breathing the nearest slice cuts the liver elsewhere: its pairs are biased near the edge.
+  assert max(abs(near / n_near) for near, n_near, _, _ in halos[1]) > 5.0, halos[1]
 
 
 def test_phantom_without_noise_differs_only_by_the_noise():
