@@ -155,12 +155,10 @@ def measure_case(case, option: register.Options, max_misalignment_px: float = 6.
 
 
 def edge_bands(mask: np.ndarray, near_px: int = 2, deep_px: int = 4) -> tuple[np.ndarray, np.ndarray]:
-  """A 2-D organ mask's pixels from `near_px` to `deep_px` pixels in from its edge, and deeper (square erosion, as
-  `benchmarks.quality.organ_regions`)."""
-  square = np.ones((3, 3), bool)
-  interior = ndimage.binary_erosion(mask, structure=square, iterations=near_px) if mask.any() else mask
-  if not interior.any():
-    return interior, interior
+  """An organ mask's pixels (`(..., H, W)`, eroded in plane only) from `near_px` to `deep_px` pixels in from its
+  edge, and deeper (square erosion; `benchmarks.quality.organ_regions` scores the model's error on the same bands)."""
+  square = np.ones((1,) * (mask.ndim - 2) + (3, 3), bool)
+  interior = ndimage.binary_erosion(mask, structure=square, iterations=near_px)
   deep = ndimage.binary_erosion(interior, structure=square, iterations=deep_px - near_px)
   return interior & ~deep, deep
 

@@ -187,14 +187,14 @@ MIN_INTERIOR_PX = 25   # fewer pixels inside than this (thin or small organs): n
 def organ_regions(labels: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
   """organ -> (inside, interior, rim, deep) boolean masks of each of `ENHANCING_ORGANS` in `labels` (S, H, W): its
   label, that label `RIM_PX` pixels in from its edge (in plane), the rest of the label, and the label `DEEP_PX`
-  pixels in from its edge."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  pixels in from its edge (`align_bench.edge_bands`, which measures the training pairs' own error on the same
+  bands)."""
+  from benchmarks import align_bench  # pylint: disable=g-import-not-at-top
   out = {}
-  square = np.ones((1, 3, 3), bool)
   for name in ENHANCING_ORGANS:
     inside = labels == metrics.ORGAN_LABELS[name]
-    interior = ndimage.binary_erosion(inside, structure=square, iterations=RIM_PX)
-    deep = ndimage.binary_erosion(interior, structure=square, iterations=DEEP_PX - RIM_PX)
+    near, deep = align_bench.edge_bands(inside, RIM_PX, DEEP_PX)
+    interior = near | deep
     out[name] = (inside, interior, inside & ~interior, deep)
   return out
 

@@ -219,10 +219,10 @@ def test_align_bench_pair_error_is_near_zero_without_motion_and_large_with_it():
   geometry = (64, 8, 5.0, 6.0)
   truth = (cases.synthesize_case(0, 3, *geometry, noise=False),
            cases.synthesize_case(0, 3, *geometry, motion_scale=0.0, noise=False))
-  halos = {}
+  halos = []
   def error(case, truth):
     out = align_bench.measure_case(case, register.Options(), truth=truth)
-    halos[len(halos)] = [out[p]["pair_halo"]["liver"] for p in align_bench.PHASES]
+    halos.append([out[p]["pair_halo"]["liver"] for p in align_bench.PHASES])
     return {p: out[p]["pair_error"]["liver"][0] / out[p]["pair_error"]["liver"][1] for p in align_bench.PHASES}
   still = error(cases.synthesize_case(0, 3, *geometry, motion_scale=0.0), (truth[1], truth[1]))
   moving = error(cases.synthesize_case(0, 3, *geometry), truth)
