@@ -55,6 +55,7 @@ OPTIONS = {
     "local_sigma3": register.Options(through_plane="local", local_sigma_mm=3.0),
     "local_sigma8": register.Options(through_plane="local", local_sigma_mm=8.0),
     "local_shift3": register.Options(through_plane="local", local_shift_mm=3.0),
+    "local_shift0": register.Options(through_plane="local", local_shift_mm=0.0),
     "local_clip30": register.Options(through_plane="local", local_clip_hu=(-200.0, 30.0)),
     "local+demons": register.Options(through_plane="local", deformable="demons", grid_mm=20.0, deformable_size=128),
     "bspline": register.Options(deformable="bspline"),

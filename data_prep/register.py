@@ -213,11 +213,13 @@ def _scaled_warp(warp: np.ndarray, fx: float, fy: float) -> np.ndarray:
 
 def local_slice(pre_slice: np.ndarray, post_hu: np.ndarray, levels: list[tuple[int, float, float]], centre: int,
                 warp: np.ndarray, body_mask: np.ndarray, pixel_spacing_mm: float, options: Options, fill_hu: int,
-                carry: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+                carry: list[np.ndarray] = (), carry_binary: list[bool] = ()
+                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
   """'local' for one non-contrast slice: the choice among `levels` ((contrast slice, dx, dy) after `warp`) made on
   images of at least `LOCAL_WORK_MM` pixels, then each pixel filled from its candidate warped at full resolution
   (bicubic: a thin enhancing rim keeps more of its contrast than under bilinear). Returns the int16 contrast slice,
-  the choice (H, W), and the carried volumes' slices moved the same way (bilinear)."""
+  the choice (H, W), and the carried volumes' slices moved the same way (bicubic as the contrast slice; bilinear for
+  those flagged in `carry_binary`, masks)."""
   h, w = pre_slice.shape
   factor = max(1.0, LOCAL_WORK_MM / pixel_spacing_mm)
   small = (max(8, round(w / factor)), max(8, round(h / factor)))
@@ -254,8 +256,8 @@ def local_slice(pre_slice: np.ndarray, post_hu: np.ndarray, levels: list[tuple[i
     where = choice == c
     image = candidates[c] if factor == 1.0 else moved(post_hu[k], m, (w, h), cv2.INTER_CUBIC, fill_hu)
     out[where] = image[where]
-    for volume, dst in zip(carry, carried):
-      dst[where] = moved(volume[k], m, (w, h), cv2.INTER_LINEAR, 0.0)[where]
+    for volume, dst, binary in zip(carry, carried, carry_binary or [True] * len(carry)):
+      dst[where] = moved(volume[k], m, (w, h), cv2.INTER_LINEAR if binary else cv2.INTER_CUBIC, 0.0)[where]
   return np.clip(np.rint(out), -32768, 32767).astype(np.int16), choice, carried
 
 
@@ -404,8 +406,9 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
     carry: volumes (S2, H, W) on the contrast grid to move with the same transforms (binary masks: shape-based
       through-plane interpolation, linear elsewhere).
     fill_hu: HU of contrast pixels that come from outside the contrast image.
-    carry_images: further volumes (S2, H, W) to move the same way, interpolated linearly everywhere (e.g. the
-      phantom's noise-free HU); returned after `carry`'s in `VolumeAlignment.carried`.
+    carry_images: further volumes (S2, H, W) to move the same way, interpolated as the contrast slices are (e.g. the
+      phantom's noise-free HU; linear, bicubic in-plane with 'local'); returned after `carry`'s in
+      `VolumeAlignment.carried`.
 
   Returns:
     The per-slice pairs (excluded ones with their reason, the exclusion rule not yet applied) and the carried
@@ -450,7 +453,7 @@ def align_volume(pre_hu: np.ndarray, pre_z: np.ndarray, post_hu: np.ndarray, pos
       levels = [(k, dx, dy) for k in range(j - reach, j + reach + 1) if 0 <= k < len(post_hu) for dx, dy in shifts]
       centre = levels.index((j, 0.0, 0.0))
       p.post_hu, choice, moved = local_slice(pre_hu[i], post_hu, levels, centre, result.warp, body_masks[i],
-                                             pixel_spacing_mm, options, fill_hu, carry)
+                                             pixel_spacing_mm, options, fill_hu, carry, binary)
       p.levels_changed = float(np.mean(choice[body_masks[i] > 0] != centre)) if body_masks[i].any() else 0.0
       stacked[i] = p.post_hu
       for out, m in zip(carried, moved):

@@ -147,19 +147,16 @@ def test_contrast_difference_concentrated_in_enhancing_organs(medium_case):
         assert abs(means[name] - reference[name]) < 12, (phase, name)
     gains = [means[name] - reference[name] for name in ENHANCING if name in means and name in reference]
     assert len(gains) >= 4 and min(gains) > 15, (phase, gains)
-  # Summed over voxels, most of the arterial and portal change sits in the enhancing organs and vessels.
-  enhancing_ids = {medium_case.label_names[n] for n in (
-      'aorta', 'ivc', 'portal_vein', 'hepatic_veins', 'liver', 'spleen', 'pancreas', 'kidney_cortex',
-      'kidney_medulla', 'bowel_wall')}
+  # Summed over voxels, most of the arterial and portal change sits in the enhancing organs and vessels (each
+  # label's change read away from partial volume, where a voxel also holds some of its enhancing neighbour).
+  enhancing = {'aorta', 'ivc', 'portal_vein', 'hepatic_veins', 'liver', 'spleen', 'pancreas', 'kidney_cortex',
+               'kidney_medulla', 'bowel_wall'}
   for phase in ('arterial', 'portal'):
-    labels, hu = medium_case.labels[phase], medium_case.hu[phase].astype(np.float64)
-    ref_labels, ref_hu = medium_case.labels['non_contrast'], medium_case.hu['non_contrast'].astype(np.float64)
-    change = {}
-    for i in np.unique(labels):
-      if (ref_labels == i).any():
-        change[i] = abs(hu[labels == i].mean() - ref_hu[ref_labels == i].mean()) * (labels == i).sum()
-    share = sum(v for i, v in change.items() if i in enhancing_ids) / sum(change.values())
-    assert share > 0.7, (phase, share)
+    labels, means = medium_case.labels[phase], _core_means(medium_case, phase)
+    change = {name: abs(means[name] - reference[name]) * (labels == medium_case.label_names[name]).sum()
+              for name in means if name in reference}
+    share = sum(v for name, v in change.items() if name in enhancing) / sum(change.values())
+    assert share > 0.6, (phase, share)  # seed 11: arterial 0.80, portal 0.70 (muscle's ~10 HU over its volume: 0.19)
 
 
 def test_same_seed_same_bytes_and_different_seed_different_case(tmp_path):
@@ -330,3 +327,48 @@ def test_motion_scale_is_part_of_a_phantom_folders_settings(tmp_path):
   assert motion['motion_scale'] == 0.0
   with pytest.raises(FileExistsError, match='motion_scale 0.0 -> None'):
     phantom.generate(tmp_path, cases=1, seed=2, **args)
+
+
+def _rendered(motion, size=64, pixel_spacing=6.0, seed=5):
+  """One arterial series of a phantom anatomy (noise-free ideal HU and labels) with `motion`."""
+  from data_prep.phantom import acquisition, anatomy, cases, enhancement  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  slice_z = -40.0 - 10.0 * np.arange(6)
+  parts = anatomy.sample_anatomy(rng, float(slice_z[0]), 60.0)
+  params = enhancement.sample_enhancement(rng)
+  labels, ideal = cases._render_phase(parts, size, pixel_spacing, slice_z, motion, 'arterial', params)  # pylint: disable=protected-access
+  return labels, acquisition.partial_volume(ideal, pixel_spacing)
+
+
+def test_coarse_series_average_each_pixel_so_a_sub_pixel_motion_can_be_undone():
+  """A voxel holds the mean of its footprint (partial volume): a series moved by a fraction of a pixel, moved back
+  by the exact inverse (bicubic), matches the unmoved one at the aorta's edge to a small fraction of its contrast.
+  A point-sampled render flips whole edge pixels between blood and fat, which no resampling undoes."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  from data_prep.phantom import anatomy, cases  # pylint: disable=import-outside-toplevel
+  assert cases.supersampling(6.0) == 3 and cases.supersampling(0.75) == 1
+  still_labels, still = _rendered(motion_lib.SeriesMotion())
+  moved_labels, moved = _rendered(motion_lib.SeriesMotion(shift_px=(0.45, -0.3)))
+  back = np.stack([cv2.warpAffine(s, np.float32([[1, 0, 0.45], [0, 1, -0.3]]), s.shape[::-1],
+                                  flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+                   for s in moved])
+  aorta = still_labels == anatomy.LABEL_IDS['aorta']
+  assert aorta.sum() > 20 and not np.array_equal(still_labels, moved_labels)
+  contrast = still[aorta].mean() - still[ndimage.binary_dilation(aorta, iterations=2) & ~aorta].mean()
+  edge = ndimage.binary_dilation(aorta) & ~ndimage.binary_erosion(aorta)
+  # Supersampled: 0.14 of the contrast at 6-mm pixels; point-sampled (no supersampling): 0.27.
+  assert np.abs(back - still)[edge].mean() < 0.2 * contrast, (np.abs(back - still)[edge].mean(), contrast)
+  # The labels stay the pixel centres' (a point-sampled render of the same anatomy, as before supersampling).
+  fine_labels, _ = _rendered(motion_lib.SeriesMotion(), size=64 * 3, pixel_spacing=2.0)
+  assert np.array_equal(still_labels, fine_labels[:, 1::3, 1::3])
+
+
+def test_arterial_spleen_pattern_moves_with_the_spleen():
+  """The spleen's arterial bands are fixed to the organ: a series shifted by whole pixels shows them shifted."""
+  from data_prep.phantom import anatomy  # pylint: disable=import-outside-toplevel
+  labels, hu = _rendered(motion_lib.SeriesMotion())
+  labels2, hu2 = _rendered(motion_lib.SeriesMotion(shift_px=(2.0, 1.0)))
+  spleen = ndimage.binary_erosion(labels == anatomy.LABEL_IDS['spleen'], np.ones((1, 3, 3), bool))
+  assert spleen.sum() > 20 and hu[spleen].std() > 10   # the bands
+  k, r, c = np.nonzero(spleen)
+  np.testing.assert_allclose(hu2[k, r + 1, c + 2], hu[k, r, c], atol=1e-3)

@@ -21,6 +21,8 @@ from data_prep.phantom import render
 PHASES = enhancement.PHASES
 _STREAMS = {'anatomy': 0, 'motion': 1, 'enhancement': 2, 'identity': 3, 'scan': 4}
 _NOISE_STREAM = 10
+# Series with pixels larger than this (mm) are rendered on 3 x 3 sub-pixels per pixel (`supersampling`).
+SUPERSAMPLE_ABOVE_MM = 1.0
 MIN_SIZE = 16
 MIN_SLICES = 4
 # What a phantom folder was made with (hidden: the converter's scan skips it), so that writing into it again can
@@ -78,6 +80,34 @@ def check_geometry(size: int, slices: int, slice_thickness: float, pixel_spacing
         f'--pixel_spacing 0.75)')
 
 
+def supersampling(pixel_spacing: float) -> int:
+  """Sub-samples per pixel side with which a series of ``pixel_spacing`` mm pixels is rendered (odd, so that the
+  middle sub-sample sits on the pixel's centre): 1 up to `SUPERSAMPLE_ABOVE_MM`, else 3."""
+  return 1 if pixel_spacing <= SUPERSAMPLE_ABOVE_MM else 3
+
+
+def _render_phase(parts, size: int, pixel_spacing: float, slice_z: np.ndarray, series_motion, phase: str,
+                  params: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(labels uint8, ideal HU float32), each ``(S, size, size)``, of one series.
+
+  A CT voxel's value is the mean over its footprint (partial volume), not the value at its centre: a point-sampled
+  outline moved by a fraction of a pixel changes which pixels it covers, which no resampling of the moved image can
+  undo (an aorta at 3-mm pixels kept 28 HU of mean error after its exact rigid motion was undone, RESULTS.md). So
+  coarse series are rendered on `supersampling` x finer sub-pixels and their HU averaged over each pixel; the labels
+  are the middle sub-samples, the pixel centres (what a point-sampled render gives).
+  """
+  k = supersampling(pixel_spacing)
+  motion = series_motion.on_finer_grid(k)
+  fine = render.render(parts, render.Grid(size * k, pixel_spacing / k, slice_z), motion, anatomy.LABEL_IDS)
+  x_ref, y_ref = motion.reference_xy(size * k, pixel_spacing / k)
+  ideal = enhancement.hu_volume(fine, phase, params, (x_ref, y_ref, motion.reference_z(slice_z, 'spleen')))
+  if k == 1:
+    return fine, ideal
+  n = len(slice_z)
+  return (np.ascontiguousarray(fine[:, k // 2::k, k // 2::k]),
+          ideal.reshape(n, size, k, size, k).mean(axis=(2, 4), dtype=np.float32))
+
+
 def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 48, slice_thickness: float = 5.0,
                     pixel_spacing: float = 0.75, motion_scale: float = 1.0, noise: bool = True) -> Case:
   """The case ``case_index`` of the dataset drawn with ``seed``, in memory (same arguments, same arrays).
@@ -101,9 +131,7 @@ def synthesize_case(case_index: int, seed: int, size: int = 512, slices: int = 4
     series_motion = motions[phase]
     first = top_z + series_motion.slice_offset * slice_thickness
     slice_z[phase] = np.round(first - slice_thickness * np.arange(slices), 4)
-    grid = render.Grid(size, pixel_spacing, slice_z[phase])
-    labels[phase] = render.render(parts, grid, series_motion, anatomy.LABEL_IDS)
-    ideal = enhancement.hu_volume(labels[phase], phase, params, pixel_spacing)
+    labels[phase], ideal = _render_phase(parts, size, pixel_spacing, slice_z[phase], series_motion, phase, params)
     blurred = acquisition.partial_volume(ideal, pixel_spacing)
     if noise:
       blurred, noise_sd[phase] = acquisition.add_noise(blurred, _rng(seed, case_index, _NOISE_STREAM + i),

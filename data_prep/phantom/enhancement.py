@@ -46,6 +46,7 @@ DOSE_RANGE = (0.78, 1.22)
 TIMING_RANGE = (0.93, 1.07)
 BLADDER_CONTRAST_HU = 600.0
 ZEBRA_AMPLITUDE_HU = 55.0
+ZEBRA_Z_MM = 5.0  # the bands turn by one radian per this many mm along z
 
 
 def sample_enhancement(rng: np.random.Generator) -> dict:
@@ -69,25 +70,30 @@ def lookup_table(phase: str, params: dict) -> np.ndarray:
   return lut
 
 
-def hu_volume(labels: np.ndarray, phase: str, params: dict, pixel_spacing: float) -> np.ndarray:
-  """Noise-free HU of a label volume ``(S, H, W)`` uint8 in ``phase``: float32 of the same shape."""
+def hu_volume(labels: np.ndarray, phase: str, params: dict, spleen_xyz: tuple) -> np.ndarray:
+  """Noise-free HU of a label volume ``(S, H, W)`` uint8 in ``phase``: float32 of the same shape.
+
+  ``spleen_xyz``: ``(x (H, W), y (H, W), z (S,))``, the reference-frame millimetres at which each voxel sees the
+  spleen (`motion.SeriesMotion.reference_xy`, `reference_z`), so that its arterial pattern moves with it.
+  """
   hu = lookup_table(phase, params)[labels]
   if phase == 'arterial':
-    _zebra_spleen(hu, labels, params, pixel_spacing)
+    _zebra_spleen(hu, labels, params, spleen_xyz)
   if phase == 'delayed':
     _layered_bladder(hu, labels, params)
   return hu
 
 
-def _zebra_spleen(hu, labels, params, pixel_spacing):
-  """Arterial-phase spleen: wavy alternating bands around the phase's mean."""
+def _zebra_spleen(hu, labels, params, spleen_xyz):
+  """Arterial-phase spleen: wavy alternating bands around the phase's mean, fixed to the organ (they move with it)."""
   k, r, c = np.nonzero(labels == LABEL_IDS['spleen'])
   if k.size == 0:
     return
   angle, wavelength, phase0 = params['zebra']
-  x, y = c * pixel_spacing, r * pixel_spacing
+  x_ref, y_ref, z_ref = spleen_xyz
+  x, y = x_ref[r, c].astype(np.float64), y_ref[r, c].astype(np.float64)
   along = x * np.cos(angle) + y * np.sin(angle) + 6 * np.sin(2 * np.pi * (y * np.cos(angle) - x * np.sin(angle)) / 40)
-  bands = np.sin(2 * np.pi * along / wavelength + phase0 + k)
+  bands = np.sin(2 * np.pi * along / wavelength + phase0 + np.asarray(z_ref, np.float64)[k] / ZEBRA_Z_MM)
   hu[k, r, c] += (ZEBRA_AMPLITUDE_HU * params['factor']['arterial'] * bands).astype(np.float32)
 
 

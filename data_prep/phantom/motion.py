@@ -100,6 +100,13 @@ class SeriesMotion:
         slice_offset=int(round(self.slice_offset * scale)),
         large_misalignment=self.large_misalignment and float(np.hypot(*shift)) > CONVERTER_LIMIT_PX)
 
+  def on_finer_grid(self, factor: int) -> 'SeriesMotion':
+    """This motion for a grid with ``factor`` x as many pixels per side over the same field of view (the in-plane
+    shift is in pixels; every other quantity is in mm or degrees, or a flag)."""
+    if factor == 1:
+      return self
+    return dataclasses.replace(self, shift_px=(self.shift_px[0] * factor, self.shift_px[1] * factor))
+
   def max_displacement_px(self, body_mask_2d: np.ndarray) -> float:
     """Largest displacement of any body pixel under the rigid in-plane motion."""
     rows, cols = np.nonzero(body_mask_2d)
