@@ -154,12 +154,6 @@ def get_config() -> ml_collections.ConfigDict:
   # enhance. Fat, air and bone do not, so a large enhancement there is the pairs' misalignment (a rib or the body's
   # outline moved), which the weighting would otherwise teach with extra weight. (): every pixel.
   loss.pixel_enhancement_pre_hu = ()
-  # > 0: the pixel term leaves out pixels where the pair disagrees about fat by more than this many HU: both slices
-  # clipped from above at pixel_outline_top_hu (fat below, soft tissue at it, so no enhancement shows) differ there.
-  # Such a pixel is an organ's outline that the pair's residual misalignment moved; its target is another tissue
-  # than the input's (not in the paper). 0: every pixel counts.
-  loss.pixel_outline_mask_hu = 0.0
-  loss.pixel_outline_top_hu = -50.0
 
   # Registration of each virtual image onto its real target during training (not in the paper; RegGAN, Kong et al.
   # 2021): a small network warps the virtual image before the pixel term, so that the pairs' misalignment is taken

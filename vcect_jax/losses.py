@@ -44,13 +44,6 @@ class GeneratorWeights:
   # ... and only where the non-contrast pixel lies within (low, high) (model units): tissue that can enhance. Fat,
   # air and bone do not; a large real - non-contrast there is the pairs' misalignment, not contrast to learn.
   enhancement_pre_range: tuple[float, float] = (-jnp.inf, jnp.inf)
-  # Outline mask (off at 0): the pixel term leaves out pixels where the non-contrast and the real slice disagree
-  # about fat, i.e. both clipped from above at `outline_top` (fat and air below it, every soft tissue at it, so that
-  # no enhancement shows) differ by more than `outline_threshold` (model units): an organ's outline that the pair's
-  # residual misalignment moved (the real slice shows fat where the input has kidney, or the reverse). There the
-  # target is another tissue than the input's, and the term would teach "no enhancement at the organ's edge".
-  outline_threshold: float = 0.0
-  outline_top: float = 0.0
 
   @classmethod
   def from_config(cls, loss_config, window_width: float = 400.0, window_level: float = 30.0) -> "GeneratorWeights":
@@ -69,10 +62,6 @@ class GeneratorWeights:
     if enhancement < 0:
       raise ValueError(f"loss.pixel_enhancement_weight must be >= 0, got {enhancement}")
     units_per_hu = 2.0 / float(window_width)
-    outline = float(loss_config.get("pixel_outline_mask_hu", 0.0))
-    outline_top = float(loss_config.get("pixel_outline_top_hu", -50.0))
-    if outline < 0:
-      raise ValueError(f"loss.pixel_outline_mask_hu must be >= 0 (0: off), got {outline}")
     pre_range = tuple(loss_config.get("pixel_enhancement_pre_hu", ()) or ())
     if not pre_range:
       pre_range = (-jnp.inf, jnp.inf)
@@ -86,39 +75,21 @@ class GeneratorWeights:
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
                pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup, enhancement_weight=enhancement,
                enhancement_threshold=float(loss_config.get("pixel_enhancement_threshold_hu", 50.0)) * units_per_hu,
-               enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range,
-               outline_threshold=outline * units_per_hu,
-               outline_top=float(hu.hu_to_model(np.float32(outline_top), hu.Window(level=float(window_level),
-                                                                                  width=float(window_width)),
-                                                clip=False)))
+               enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range)
 
   def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
     """The pixel term; `pre` (the non-contrast slice, model space, shaped as `real`) is needed only by the
-    enhancement weighting and the outline mask, which are skipped without it."""
-    weighted = pre is not None and self.enhancement_weight > 0
-    masked = pre is not None and self.outline_threshold > 0
-    if weighted or masked:
-      w = jnp.ones_like(real)
-      if weighted:
-        low, high = self.enhancement_pre_range
-        can_enhance = (pre > low) & (pre < high)
-        w = 1.0 + self.enhancement_weight * jnp.where(
-            can_enhance, jax.nn.relu(real - pre - self.enhancement_threshold) / self.enhancement_unit, 0.0)
-      count = jnp.asarray(real.size, real.dtype)
-      if masked:
-        keep = self.outline_mask(real, pre)
-        w, count = w * keep, jnp.maximum(jnp.sum(keep), 1.0)
-      elementwise = pixel_elementwise(virtual, real, self.pixel_kind, self.pixel_mse_weight)
-      return jnp.sum(jax.lax.stop_gradient(w) * elementwise) / jax.lax.stop_gradient(count)
+    enhancement weighting, which is skipped without it."""
+    if self.enhancement_weight > 0 and pre is not None:
+      low, high = self.enhancement_pre_range
+      can_enhance = (pre > low) & (pre < high)
+      w = 1.0 + self.enhancement_weight * jnp.where(
+          can_enhance, jax.nn.relu(real - pre - self.enhancement_threshold) / self.enhancement_unit, 0.0)
+      return jnp.mean(jax.lax.stop_gradient(w) * pixel_elementwise(virtual, real, self.pixel_kind,
+                                                                   self.pixel_mse_weight))
     if self.pixel_kind == "l1+mse":
       return pixel_l1_mse(virtual, real, self.pixel_mse_weight)
     return PIXEL_LOSSES[self.pixel_kind](virtual, real)
-
-  def outline_mask(self, real: jnp.ndarray, pre: jnp.ndarray) -> jnp.ndarray:
-    """1.0 where the pixel term counts, 0.0 where the pair disagrees about fat (`outline_threshold`)."""
-    top = self.outline_top
-    disagree = jnp.abs(jnp.minimum(pre, top) - jnp.minimum(real, top)) > self.outline_threshold
-    return jnp.where(disagree, 0.0, 1.0).astype(real.dtype)
 
   def at_step(self, step) -> "GeneratorWeights":
     """The weights of generator step `step` (0-based, may be traced): the adversarial ramp of the warm-up."""
