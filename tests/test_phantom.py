@@ -336,7 +336,8 @@ def _rendered(motion, size=64, pixel_spacing=6.0, seed=5):
   slice_z = -40.0 - 10.0 * np.arange(6)
   parts = anatomy.sample_anatomy(rng, float(slice_z[0]), 60.0)
   params = enhancement.sample_enhancement(rng)
-  labels, ideal = cases._render_phase(parts, size, pixel_spacing, slice_z, motion, 'arterial', params)  # pylint: disable=protected-access
+  render_phase = cases._render_phase  # pylint: disable=protected-access
+  labels, ideal = render_phase(parts, size, pixel_spacing, slice_z, motion, 'arterial', params)
   return labels, acquisition.partial_volume(ideal, pixel_spacing)
 
 
