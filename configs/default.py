@@ -154,6 +154,11 @@ def get_config() -> ml_collections.ConfigDict:
   # enhance. Fat, air and bone do not, so a large enhancement there is the pairs' misalignment (a rib or the body's
   # outline moved), which the weighting would otherwise teach with extra weight. (): every pixel.
   loss.pixel_enhancement_pre_hu = ()
+  # > 0: the pixel term adds this times the mean L1 difference between the virtual and real images' horizontal and
+  # vertical finite differences (the gradient difference loss of Nie et al. 2018, MR -> CT synthesis): the model
+  # learns to remove the input's noise, which the residual output passes on and the real slice does not share.
+  # 0: the paper's term.
+  loss.pixel_gradient_weight = 0.0
 
   # Registration of each virtual image onto its real target during training (not in the paper; RegGAN, Kong et al.
   # 2021): a small network warps the virtual image before the pixel term, so that the pairs' misalignment is taken

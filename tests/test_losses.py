@@ -105,3 +105,22 @@ def test_enhancement_weighting_skips_non_contrast_pixels_that_cannot_enhance():
   assert float(everywhere.pixel_loss(virtual, real, pre)) == pytest.approx(0.1 * 4)
   with pytest.raises(ValueError, match="pixel_enhancement_pre_hu"):
     losses.GeneratorWeights.from_config(_loss_config(pixel_enhancement_weight=1.0, pixel_enhancement_pre_hu=(150, -20)))
+
+
+def test_gradient_difference_term_sees_edges_not_levels():
+  # A constant offset has the same finite differences: the term is 0; a one-pixel step where the real image has
+  # none costs its height over the differences that cross it.
+  real = jnp.zeros((1, 4, 4, 1))
+  assert float(losses.gradient_difference(real + 0.3, real)) == pytest.approx(0.0)
+  step = real.at[:, :, 2:, :].set(1.0)   # a vertical edge: 4 of the 12 horizontal differences are 1, none vertical
+  assert float(losses.gradient_difference(step, real)) == pytest.approx(0.5 * (0.0 + 4 / 12))
+  # Pixel noise costs more here than in L1: each noisy pixel enters up to four differences.
+  noise = real.at[0, 1, 1, 0].set(0.5)
+  assert float(losses.gradient_difference(noise, real)) == pytest.approx(0.5 * (2 * 0.5 / 12 + 2 * 0.5 / 12))
+  # Inside the pixel term: weight x the term, added to the pixel kind's own mean (lambda1 scales both).
+  w = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_gradient_weight=2.0))
+  assert float(w.pixel_loss(step, real)) == pytest.approx(0.5 + 2.0 * 0.5 * 4 / 12)
+  plain = losses.GeneratorWeights.from_config(_loss_config(pixel="l1"))
+  assert float(plain.pixel_loss(step, real)) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="pixel_gradient_weight"):
+    losses.GeneratorWeights.from_config(_loss_config(pixel_gradient_weight=-1.0))

@@ -101,16 +101,21 @@ def test_dual_path_combines_paths_with_paper_weights():
 
 
 def test_demo_loss_recipe_inside_the_step():
-  # The `:demo` recipe: L1 pixel term, adversarial warm-up (first step at 1/4 weight), residual output from zero.
+  # The `:demo` recipe: L1 pixel term with the gradient difference term, adversarial warm-up (first step at 1/4
+  # weight), residual output from zero.
   config = smoke_config()
   config.loss.pixel, config.loss.adversarial_warmup_steps, config.loss.pixel_weight = "l1", 4, 100.0
+  config.loss.pixel_gradient_weight = 1.0
   config.model.generator.residual = True
   _, _, m = _one_step(config)
   np.testing.assert_allclose(
       m["g_total_global"], 0.25 * m["g_adv_global"] + 100.0 * m["g_pixel_global"] + m["g_perc_global"], rtol=1e-5)
-  # The untrained residual generator is the identity, so the pixel term is the L1 of middle slice vs target.
+  # The untrained residual generator is the identity, so the pixel term is the L1 of middle slice vs target plus
+  # the mean L1 of the finite differences of their difference.
   batch = _random_batch(config)
-  np.testing.assert_allclose(m["g_pixel_global"], np.abs(batch["pre"][..., 1:2] - batch["post"]).mean(), rtol=1e-5)
+  d = batch["pre"][..., 1:2] - batch["post"]
+  gradient = 0.5 * (np.abs(np.diff(d, axis=1)).mean() + np.abs(np.diff(d, axis=2)).mean())
+  np.testing.assert_allclose(m["g_pixel_global"], np.abs(d).mean() + gradient, rtol=1e-5)
 
 
 def test_shared_generator_running_statistics_follow_the_whole_images():

@@ -3,7 +3,8 @@
 Discriminator (eq. 1): BCE-with-logits plus least-squares terms on the patch logits, real = 1 and virtual = 0;
   with the dual path, the virtual images of the two paths enter weighted 0.6 / 0.4.
 Generator, per path (eq. 3): adversarial_weight * adversarial (the same two terms, target 1)
-  + pixel_weight (lambda1) * pixel term (MSE in the paper; `loss.pixel` also offers L1 and L1 + w * MSE)
+  + pixel_weight (lambda1) * pixel term (MSE in the paper; `loss.pixel` also offers L1 and L1 + w * MSE, and
+    `loss.pixel_gradient_weight` adds the gradient difference term)
   + perceptual_weight * the sum of the perceptual terms over the pretext
   encoder's last four blocks.
 Dual path (eq. 4): 0.6 * global + 0.4 * local.
@@ -44,6 +45,11 @@ class GeneratorWeights:
   # ... and only where the non-contrast pixel lies within (low, high) (model units): tissue that can enhance. Fat,
   # air and bone do not; a large real - non-contrast there is the pairs' misalignment, not contrast to learn.
   enhancement_pre_range: tuple[float, float] = (-jnp.inf, jnp.inf)
+  # Gradient difference term (off at 0; Nie et al. 2018, for MR -> CT synthesis): plus this weight times the mean
+  # L1 of the spatial finite differences of (virtual - real), inside the pixel term (lambda1 scales both). Each
+  # pixel enters four differences, so the input's noise that the residual output passes on costs about twice what it
+  # costs in L1 (the real slice's own noise is independent of it): the model learns to remove it.
+  gradient_weight: float = 0.0
 
   @classmethod
   def from_config(cls, loss_config, window_width: float = 400.0, window_level: float = 30.0) -> "GeneratorWeights":
@@ -71,15 +77,26 @@ class GeneratorWeights:
                          f"pixel; got {pre_range!r}")
       window = hu.Window(level=float(window_level), width=float(window_width))
       pre_range = tuple(float(v) for v in hu.hu_to_model(np.asarray(pre_range, np.float32), window, clip=False))
+    gradient_weight = float(loss_config.get("pixel_gradient_weight", 0.0))
+    if gradient_weight < 0:
+      raise ValueError(f"loss.pixel_gradient_weight must be >= 0 (0 = off), got {gradient_weight}")
     return cls(pixel=float(loss_config.pixel_weight), adversarial=float(loss_config.adversarial_weight),
                perceptual=float(loss_config.get("perceptual_weight", 1.0)), pixel_kind=kind,
                pixel_mse_weight=mse_weight, adversarial_warmup_steps=warmup, enhancement_weight=enhancement,
                enhancement_threshold=float(loss_config.get("pixel_enhancement_threshold_hu", 50.0)) * units_per_hu,
-               enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range)
+               enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range,
+               gradient_weight=gradient_weight)
 
   def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
     """The pixel term; `pre` (the non-contrast slice, model space, shaped as `real`) is needed only by the
     enhancement weighting, which is skipped without it."""
+    term = self._pointwise_term(virtual, real, pre)
+    if self.gradient_weight > 0:
+      term = term + self.gradient_weight * gradient_difference(virtual, real)
+    return term
+
+  def _pointwise_term(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None) -> jnp.ndarray:
+    """The pixel kind's mean over the pixels, enhancement-weighted if configured."""
     if self.enhancement_weight > 0 and pre is not None:
       low, high = self.enhancement_pre_range
       can_enhance = (pre > low) & (pre < high)
@@ -125,6 +142,13 @@ def pixel_l1_mse(virtual: jnp.ndarray, real: jnp.ndarray, mse_weight: float = 1.
   """L1 + mse_weight * MSE: the median's pull on small errors (noise, misaligned edges), with the mean's larger
   pull on large ones (an enhancement of a few pixels, where L1's gradient is no larger than anywhere else)."""
   return pixel_l1(virtual, real) + mse_weight * pixel_mse(virtual, real)
+
+
+def gradient_difference(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+  """Mean L1 difference of the vertical and horizontal finite differences of (B, H, W, C) images (Nie et al. 2018's
+  gradient difference loss with exponent 1), the two directions averaged."""
+  d = virtual - real
+  return 0.5 * (jnp.mean(jnp.abs(jnp.diff(d, axis=1))) + jnp.mean(jnp.abs(jnp.diff(d, axis=2))))
 
 
 PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1, "l1+mse": pixel_l1_mse}
