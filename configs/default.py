@@ -155,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
   # outline moved), which the weighting would otherwise teach with extra weight. (): every pixel.
   loss.pixel_enhancement_pre_hu = ()
   # > 0: the pixel term adds this times the mean L1 difference between the virtual and real images' horizontal and
-  # vertical finite differences (the gradient difference loss of Nie et al. 2018, MR -> CT synthesis): the model
+  # vertical finite differences (after the gradient difference loss of Mathieu et al. 2016 / Nie et al. 2018): the model
   # learns to remove the input's noise, which the residual output passes on and the real slice does not share.
   # 0: the paper's term.
   loss.pixel_gradient_weight = 0.0

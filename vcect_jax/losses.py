@@ -45,8 +45,9 @@ class GeneratorWeights:
   # ... and only where the non-contrast pixel lies within (low, high) (model units): tissue that can enhance. Fat,
   # air and bone do not; a large real - non-contrast there is the pairs' misalignment, not contrast to learn.
   enhancement_pre_range: tuple[float, float] = (-jnp.inf, jnp.inf)
-  # Gradient difference term (off at 0; Nie et al. 2018, for MR -> CT synthesis): plus this weight times the mean
-  # L1 of the spatial finite differences of (virtual - real), inside the pixel term (lambda1 scales both). Each
+  # Gradient difference term (off at 0; after the gradient difference loss of Mathieu et al. 2016 that Nie et al.
+  # 2018 used for MR -> CT synthesis, here on signed differences): plus this weight times the mean L1 of the spatial
+  # finite differences of (virtual - real), inside the pixel term (lambda1 scales both). Each
   # pixel enters four differences, so the input's noise that the residual output passes on costs about twice what it
   # costs in L1 (the real slice's own noise is independent of it): the model learns to remove it.
   gradient_weight: float = 0.0
@@ -145,8 +146,9 @@ def pixel_l1_mse(virtual: jnp.ndarray, real: jnp.ndarray, mse_weight: float = 1.
 
 
 def gradient_difference(virtual: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
-  """Mean L1 difference of the vertical and horizontal finite differences of (B, H, W, C) images (Nie et al. 2018's
-  gradient difference loss with exponent 1), the two directions averaged."""
+  """Mean L1 difference of the vertical and horizontal finite differences of (B, H, W, C) images, the two directions
+  averaged: the gradient difference loss (Mathieu et al. 2016; Nie et al. 2018) with exponent 1, on the signed
+  differences (theirs compares the differences' magnitudes, so an edge of the opposite sign would cost nothing)."""
   d = virtual - real
   return 0.5 * (jnp.mean(jnp.abs(jnp.diff(d, axis=1))) + jnp.mean(jnp.abs(jnp.diff(d, axis=2))))
 

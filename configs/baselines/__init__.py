@@ -15,7 +15,8 @@ reference repositories' settings: Adam 2e-4 with betas (0.5, 0.999), batch 1, `n
 not applied, so every model sees the same slices.
 
 Variants (`configs/variants.py`): `smoke` (32 px, tiny widths, U-Net depth 5, 2 residual blocks, pool of 3) and
-`demo` (96 px, narrow networks, U-Net depth 5, 6 residual blocks, batch 4, 800 steps).
+`demo` (96 px, narrow networks, U-Net depth 5, 6 residual blocks, batch 8, 800 steps: the pairs the proposed
+model sees; batch 4 before round 19 of issue 12).
 """
 
 import importlib
