@@ -122,5 +122,14 @@ def test_gradient_difference_term_sees_edges_not_levels():
   assert float(w.pixel_loss(step, real)) == pytest.approx(0.5 + 2.0 * 0.5 * 4 / 12)
   plain = losses.GeneratorWeights.from_config(_loss_config(pixel="l1"))
   assert float(plain.pixel_loss(step, real)) == pytest.approx(0.5)
+  # With the enhancement weighting (the delayed `:demo`): the weighted pointwise mean plus the unweighted term.
+  both = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0,
+                                                          pixel_gradient_weight=2.0), window_width=400.0)
+  weighted = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0),
+                                                 window_width=400.0)
+  pre = real - 1.0   # every pixel enhances by 200 HU: weight 4
+  assert float(both.pixel_loss(step, real, pre)) == pytest.approx(
+      float(weighted.pixel_loss(step, real, pre)) + 2.0 * 0.5 * 4 / 12)
+  assert float(weighted.pixel_loss(step, real, pre)) == pytest.approx(4 * 0.5)
   with pytest.raises(ValueError, match="pixel_gradient_weight"):
     losses.GeneratorWeights.from_config(_loss_config(pixel_gradient_weight=-1.0))
