@@ -102,9 +102,10 @@ def _demo(config):
   config.pretrain.batch_size = 8
   config.pretrain.log_every = 50
   config.pretrain.max_eval_slices = 64
-  # Batch 8 with the gradient difference term below (issue 12, round 19): the arterial kidney cortex 0.59-0.73 ->
-  # 0.65-0.75 of its enhancement over three training seeds, the liver's MAE 0.48-0.55x -> 0.44-0.51x identity's, the
-  # whole body 12.3-12.5 -> 11.3-11.8 HU, for ~2x the training time (~160 -> ~300 s on a quiet 2-core CPU).
+  # Batch 8 with the gradient difference term below (issue 12, round 19): over five training seeds the arterial
+  # kidney cortex 0.59-0.73 -> 0.65-0.75 of its enhancement (mean 0.65 -> 0.70), the liver's MAE 0.48-0.55x ->
+  # 0.44-0.51x identity's, the whole body 12.2-12.5 -> 11.3-11.8 HU, goals met 9, 9, 9, 8, 8 -> 9, 10, 9, 9, 9 of 10;
+  # for ~2x the training time (~160 -> ~300 s on a quiet 2-core CPU; the demo 362 -> 410 s end to end).
   config.train.batch_size = 8
   config.train.steps = 800
   config.train.generator_lr = 5e-4   # a short run: the paper's 5e-5 is tuned for 50 epochs of real data

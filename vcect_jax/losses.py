@@ -47,9 +47,9 @@ class GeneratorWeights:
   enhancement_pre_range: tuple[float, float] = (-jnp.inf, jnp.inf)
   # Gradient difference term (off at 0; after the gradient difference loss of Mathieu et al. 2016 that Nie et al.
   # 2018 used for MR -> CT synthesis, here on signed differences): plus this weight times the mean L1 of the spatial
-  # finite differences of (virtual - real), inside the pixel term (lambda1 scales both). Each
-  # pixel enters four differences, so the input's noise that the residual output passes on costs about twice what it
-  # costs in L1 (the real slice's own noise is independent of it): the model learns to remove it.
+  # finite differences of (virtual - real), inside the pixel term (lambda1 scales both). Each pixel enters four
+  # differences, so the input's noise that the residual output passes on costs about twice what it costs in L1 (the
+  # real slice's own noise is independent of it): the model learns to remove it.
   gradient_weight: float = 0.0
 
   @classmethod
