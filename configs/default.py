@@ -171,6 +171,9 @@ def get_config() -> ml_collections.ConfigDict:
   registration.enabled = False
   registration.smooth_weight = 0.5           # RegGAN's smoothness / correction weights, 10 / 20
   registration.widths = (16, 32, 32)         # channels at full, half and quarter resolution
+  # > 0: the pixel term also compares the unwarped virtual image (the one inference shows) with the real slice, with
+  # this weight: an anchor against edges and noise that the warp would otherwise take up. 0: RegGAN's term alone.
+  registration.unwarped_weight = 0.0
 
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()

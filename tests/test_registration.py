@@ -104,6 +104,20 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   assert all(changed)
   # The generator a checkpoint's evaluation builds is the plain one.
   assert isinstance(method.build_generator(), models.Generator)
+  # With `unwarped_weight`, the unwarped virtual image is compared too: at the first step the field is still zero
+  # (the warp is the identity), so the pixel term is (1 + weight) times the plain one, on the same start.
+  first_pixel = {}
+  for weight in (0.0, 0.5):
+    config.registration.unwarped_weight = weight
+    anchored = methods.create(config)
+    with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
+      anchored_def, anchored_state = nnx.split(anchored.create_state(steps_per_epoch=10))
+    _, first = train.jit_train_step(anchored, anchored_def, sharding.make_mesh())(anchored_state, batch)
+    first_pixel[weight] = float(jax.device_get(first["g_pixel_global"]))
+  np.testing.assert_allclose(first_pixel[0.5], 1.5 * first_pixel[0.0], rtol=1e-5)
+  config.registration.unwarped_weight = -1.0
+  with pytest.raises(ValueError, match="registration.unwarped_weight"):
+    methods.create(config).validate()
   # The baselines do not take the option silently.
   baseline = baselines_pix2pix.get_config("arterial,smoke")
   methods.create(baseline).validate()

@@ -179,6 +179,8 @@ class DualPathGAN(contrast.ContrastMethod):
         problems.append(f"registration.smooth_weight={r.smooth_weight} must be >= 0")
       if len(tuple(r.widths)) != 3 or min(tuple(r.widths)) < 1:
         problems.append(f"registration.widths={tuple(r.widths)} must be three positive channel counts")
+      if not r.get("unwarped_weight", 0.0) >= 0:
+        problems.append(f"registration.unwarped_weight={r.unwarped_weight} must be >= 0")
     if problems:
       raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -281,6 +283,7 @@ class DualPathGAN(contrast.ContrastMethod):
     if registering:
       r_def, r_params = nnx.split(state.registration, nnx.Param)
       smooth_weight = float(config.registration.smooth_weight)
+      unwarped_weight = float(config.registration.get("unwarped_weight", 0.0))
 
     def g_loss_fn(virtual, r_params):
       terms, totals = {}, {}
@@ -293,6 +296,8 @@ class DualPathGAN(contrast.ContrastMethod):
         terms[f"g_pixel_{path}"] = g_weights.pixel_loss(compared, post, pre_center)
         if registering:
           terms[f"g_pixel_{path}"] += smooth_weight * terms[f"g_smooth_{path}"]
+          if unwarped_weight:  # the virtual image as it is, which inference shows, compared too
+            terms[f"g_pixel_{path}"] += unwarped_weight * g_weights.pixel_loss(v, post, pre_center)
         adv = perc = None
         if use_d:
           d = nnx.merge(*d_now, copy=True)  # batch statistics of the virtual images; running averages not kept
