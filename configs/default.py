@@ -174,6 +174,11 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: the pixel term also compares the unwarped virtual image (the one inference shows) with the real slice, with
   # this weight: an anchor against edges and noise that the warp would otherwise take up. 0: RegGAN's term alone.
   registration.unwarped_weight = 0.0
+  # True: the gradient difference term (`loss.pixel_gradient_weight`) compares the unwarped virtual image, the rest of
+  # the pixel term the warped one. Through the warp's interpolation the term's gradient loses the pixel-scale detail
+  # that asks the generator to remove the input's noise (issue 12, round 21: 0.86-0.91 of it kept in the arterial
+  # liver with the warp, 0.32 with this). False: the whole pixel term on the warped image (RegGAN).
+  registration.gradient_term_unwarped = False
 
   # Dual-path schema (paper section 3.3, eq. 4).
   config.dual_path = dual = ml_collections.ConfigDict()

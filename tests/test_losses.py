@@ -122,6 +122,9 @@ def test_gradient_difference_term_sees_edges_not_levels():
   assert float(w.pixel_loss(step, real)) == pytest.approx(0.5 + 2.0 * 0.5 * 4 / 12)
   plain = losses.GeneratorWeights.from_config(_loss_config(pixel="l1"))
   assert float(plain.pixel_loss(step, real)) == pytest.approx(0.5)
+  # `gradient_virtual` (the registration's unwarped image): the term compares it instead, the pointwise mean does not.
+  assert float(w.pixel_loss(step, real, gradient_virtual=real + 0.3)) == pytest.approx(0.5)
+  assert float(w.pixel_loss(real + 0.3, real, gradient_virtual=step)) == pytest.approx(0.3 + 2.0 * 0.5 * 4 / 12)
   # With the enhancement weighting (the delayed `:demo`): the weighted pointwise mean plus the unweighted term.
   both = losses.GeneratorWeights.from_config(_loss_config(pixel="l1", pixel_enhancement_weight=2.0,
                                                           pixel_gradient_weight=2.0), window_width=400.0)

@@ -115,6 +115,22 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
     _, first = train.jit_train_step(anchored, anchored_def, sharding.make_mesh())(anchored_state, batch)
     first_pixel[weight] = float(jax.device_get(first["g_pixel_global"]))
   np.testing.assert_allclose(first_pixel[0.5], 1.5 * first_pixel[0.0], rtol=1e-5)
+  # `gradient_term_unwarped`: the gradient difference term compares the unwarped image. The same first step (the
+  # warp is still the identity), then the field, trained without that term, differs and so does the second step.
+  config.registration.unwarped_weight = 0.0
+  config.loss.pixel_gradient_weight = 1.0
+  pixels = {}
+  for unwarped in (False, True):
+    config.registration.gradient_term_unwarped = unwarped
+    variant = methods.create(config)
+    with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
+      variant_def, variant_state = nnx.split(variant.create_state(steps_per_epoch=10))
+    variant_step = train.jit_train_step(variant, variant_def, sharding.make_mesh())
+    variant_state, m1 = variant_step(variant_state, batch)
+    _, m2 = variant_step(variant_state, batch)
+    pixels[unwarped] = [float(jax.device_get(m["g_pixel_global"])) for m in (m1, m2)]
+  assert pixels[True][0] == pytest.approx(pixels[False][0], rel=1e-6)
+  assert pixels[True][1] != pytest.approx(pixels[False][1], rel=1e-6)
   config.registration.unwarped_weight = -1.0
   with pytest.raises(ValueError, match="registration.unwarped_weight"):
     methods.create(config).validate()

@@ -88,12 +88,15 @@ class GeneratorWeights:
                enhancement_unit=100.0 * units_per_hu, enhancement_pre_range=pre_range,
                gradient_weight=gradient_weight)
 
-  def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
+  def pixel_loss(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None = None,
+                 gradient_virtual: jnp.ndarray | None = None) -> jnp.ndarray:
     """The pixel term; `pre` (the non-contrast slice, model space, shaped as `real`) is needed only by the
-    enhancement weighting, which is skipped without it."""
+    enhancement weighting, which is skipped without it. `gradient_virtual`: the image that the gradient difference
+    term compares instead of `virtual` (the registration's unwarped virtual image)."""
     term = self._pointwise_term(virtual, real, pre)
     if self.gradient_weight > 0:
-      term = term + self.gradient_weight * gradient_difference(virtual, real)
+      other = virtual if gradient_virtual is None else gradient_virtual
+      term = term + self.gradient_weight * gradient_difference(other, real)
     return term
 
   def _pointwise_term(self, virtual: jnp.ndarray, real: jnp.ndarray, pre: jnp.ndarray | None) -> jnp.ndarray:

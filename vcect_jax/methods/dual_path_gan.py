@@ -280,6 +280,7 @@ class DualPathGAN(contrast.ContrastMethod):
     mid = pre.shape[-1] // 2
     pre_center = pre[..., mid:mid + post.shape[-1]]  # the non-contrast slice paired with `post`
     registering = self.registration_enabled
+    gradient_unwarped = registering and bool(config.registration.get("gradient_term_unwarped", False))
     if registering:
       r_def, r_params = nnx.split(state.registration, nnx.Param)
       smooth_weight = float(config.registration.smooth_weight)
@@ -293,7 +294,8 @@ class DualPathGAN(contrast.ContrastMethod):
           flow = nnx.merge(r_def, r_params)(v, post)
           compared = registration_lib.warp(v, flow)
           terms[f"g_smooth_{path}"] = registration_lib.smoothness(flow)
-        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(compared, post, pre_center)
+        terms[f"g_pixel_{path}"] = g_weights.pixel_loss(compared, post, pre_center,
+                                                        gradient_virtual=v if gradient_unwarped else None)
         if registering:
           terms[f"g_pixel_{path}"] += smooth_weight * terms[f"g_smooth_{path}"]
           if unwarped_weight:  # the virtual image as it is, which inference shows, compared too
