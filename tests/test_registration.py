@@ -104,16 +104,24 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   assert all(changed)
   # The generator a checkpoint's evaluation builds is the plain one.
   assert isinstance(method.build_generator(), models.Generator)
+  def pixel_terms(steps):
+    """The global path's pixel term at each of `steps` steps from a fresh start of the current config."""
+    variant = methods.create(config)
+    with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
+      variant_def, variant_state = nnx.split(variant.create_state(steps_per_epoch=10))
+    variant_step = train.jit_train_step(variant, variant_def, sharding.make_mesh())
+    terms = []
+    for _ in range(steps):
+      variant_state, m = variant_step(variant_state, batch)
+      terms.append(float(jax.device_get(m["g_pixel_global"])))
+    return terms
+
   # With `unwarped_weight`, the unwarped virtual image is compared too: at the first step the field is still zero
   # (the warp is the identity), so the pixel term is (1 + weight) times the plain one, on the same start.
   first_pixel = {}
   for weight in (0.0, 0.5):
     config.registration.unwarped_weight = weight
-    anchored = methods.create(config)
-    with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
-      anchored_def, anchored_state = nnx.split(anchored.create_state(steps_per_epoch=10))
-    _, first = train.jit_train_step(anchored, anchored_def, sharding.make_mesh())(anchored_state, batch)
-    first_pixel[weight] = float(jax.device_get(first["g_pixel_global"]))
+    first_pixel[weight] = pixel_terms(1)[0]
   np.testing.assert_allclose(first_pixel[0.5], 1.5 * first_pixel[0.0], rtol=1e-5)
   # `gradient_term_unwarped`: the gradient difference term compares the unwarped image. The same first step (the
   # warp is still the identity), then the field, trained without that term, differs and so does the second step.
@@ -122,13 +130,7 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   pixels = {}
   for unwarped in (False, True):
     config.registration.gradient_term_unwarped = unwarped
-    variant = methods.create(config)
-    with mock.patch.object(pretrain, "load_pretext_encoder", encoder):
-      variant_def, variant_state = nnx.split(variant.create_state(steps_per_epoch=10))
-    variant_step = train.jit_train_step(variant, variant_def, sharding.make_mesh())
-    variant_state, m1 = variant_step(variant_state, batch)
-    _, m2 = variant_step(variant_state, batch)
-    pixels[unwarped] = [float(jax.device_get(m["g_pixel_global"])) for m in (m1, m2)]
+    pixels[unwarped] = pixel_terms(2)
   assert pixels[True][0] == pytest.approx(pixels[False][0], rel=1e-6)
   assert pixels[True][1] != pytest.approx(pixels[False][1], rel=1e-6)
   config.registration.unwarped_weight = -1.0
