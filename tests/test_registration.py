@@ -142,3 +142,26 @@ def test_dual_path_gan_trains_the_registration_only_when_enabled():
   baseline.registration.enabled = True
   with pytest.raises(ValueError, match="registration.enabled"):
     methods.create(baseline).validate()
+
+
+def test_demo_registers_where_the_kidney_cortex_is_a_goal_and_the_baselines_never():
+  """The `:demo` trains with the registration (and the gradient difference term on the unwarped image) in the
+  arterial and portal phases, not in the delayed one nor in the paper configs; the baselines' `demo` variants, built
+  on the same phase configs, turn it off and validate."""
+  from configs import delayed, portal  # pylint: disable=import-outside-toplevel
+  from configs.baselines import cut as baselines_cut  # pylint: disable=import-outside-toplevel
+  from configs.baselines import cyclegan as baselines_cyclegan  # pylint: disable=import-outside-toplevel
+
+  for module in (arterial, portal):
+    config = module.get_config("demo")
+    assert config.registration.enabled and config.registration.gradient_term_unwarped
+    config.perceptual.pretext_checkpoint = "pretrained"   # `vcect_jax.main` sets it
+    methods.create(config).validate()
+  assert not delayed.get_config("demo").registration.enabled
+  for module in (arterial, portal, delayed):
+    assert not module.get_config().registration.enabled   # the paper's method
+  for baseline in (baselines_pix2pix, baselines_cyclegan, baselines_cut):
+    for phase in ("arterial", "portal"):
+      config = baseline.get_config(f"{phase},demo")
+      assert not config.registration.enabled
+      methods.create(config).validate()

@@ -40,6 +40,7 @@ def base_config(method: str, arg: str | None):
   config.method = method
   config.loss.use_perceptual = False
   config.perceptual.init_generator = False
+  config.registration.enabled = False  # the `:demo`'s registration in the loop is the proposed model's, not theirs
   if not variant:
     config.train.batch_size = 1  # the references' batch size (the variants keep theirs)
   return config, variant
