@@ -19,7 +19,8 @@ Layout: `<workdir>/data` (the phantom, shared by all runs), `<workdir>/pretrain`
 more under `<workdir>/window_W<width>_L<level>/` for each other CT window of the phases: the arterial and delayed `:demo`),
 `<workdir>/<phase>/<row>/` (checkpoints, logs and `report/` of one run). A rerun skips the training of runs that
 finished (`done.json`) and evaluates again; a finished run trained on other data than the work directory holds now
-(the phantom is made again when the variant's settings change) stops the rerun with what to do. `--dry_run`
+(the phantom is made again when the variant's settings change), or with other settings than its row's config now
+(e.g. a `:demo` recipe changed since), stops the rerun with what to do. `--dry_run`
 checks the machinery: the smoke variant, 2 steps per run.
 
 Cross-validation (paper section 4.3.2): `--folds=K` runs everything once per fold (`data.fold=k`, the phantom
@@ -39,6 +40,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 
 from data_prep import cli_help
@@ -113,18 +115,61 @@ def trained_on(config, data_dir: str) -> dict:
   return {"dir": os.path.abspath(data_dir), "settings": prepare.phantom_settings(config)}
 
 
-def check_reusable(done: str, data: dict) -> None:
+# Settings that do not change what a run trains (where it is written, how often it logs, how it is evaluated):
+# a rerun may differ in them and still reuse the run.
+_NOT_RECIPE = ("mode", "eval", "distributed", "data.dir", "perceptual.pretext_checkpoint", "input.worker_count",
+               "train.log_every", "train.image_every", "train.eval_every", "train.eval_examples",
+               "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints")
+
+
+def recipe(config) -> dict:
+  """The settings a run was trained with, flattened to dotted keys (JSON values), kept in the run's `done.json`."""
+  flat = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if name in _NOT_RECIPE:
+        continue
+      if isinstance(value, dict):
+        walk(name + ".", value)
+      else:
+        flat[name] = value
+
+  walk("", json.loads(config.to_json()))
+  return flat
+
+
+def check_reusable(done: str, data: dict, settings: dict | None = None) -> None:
   """Refuses to reuse a finished run that was trained on other data than the work directory's now (the phantom is
   made again when the variant's settings change, e.g. its number of cases): its test split could hold the run's own
-  training cases, and its row would not be comparable with the others."""
+  training cases, and its row would not be comparable with the others. With `settings` (the row's `recipe` now),
+  refuses a run trained with other settings too (e.g. a `:demo` recipe changed since), naming them; settings that
+  the run's record lacks (options added since) are not compared, and a run recorded before the recipe was kept is
+  reused with a warning."""
   with open(done) as f:
-    recorded = json.load(f).get("data")
+    record = json.load(f)
+  recorded = record.get("data")
+  run_dir = os.path.dirname(done)
   if recorded != data:
-    run_dir = os.path.dirname(done)
     was = "not recorded (a run from before this check)" if recorded is None else json.dumps(recorded["settings"])
     raise SystemExit(f"paper_tables: {run_dir} finished on other training data than this work directory's now "
                      f"(its data: {was}; now: {json.dumps(data['settings'])} in {data['dir']}). Delete that run "
                      "folder to train it again on the current data, or use a fresh --workdir.")
+  if settings is None:
+    return
+  trained = record.get("recipe")
+  if trained is None:
+    print(f"paper_tables: {run_dir} does not record the settings it was trained with (a run from before this "
+          "check): reused as it is; delete that run folder if its config has changed since.", file=sys.stderr)
+    return
+  changed = sorted(key for key in settings.keys() & trained.keys() if settings[key] != trained[key])
+  if changed:
+    shown = "; ".join(f"{key}: {json.dumps(trained[key])} -> {json.dumps(settings[key])}" for key in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise SystemExit(f"paper_tables: {run_dir} was trained with other settings than its row's config now ({shown}"
+                     f"{more}). Delete that run folder to train it again with the current config, or use a fresh "
+                     "--workdir.")
 
 
 def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
@@ -140,15 +185,16 @@ def run_one(row: str, phase: str, args, data_dir: str, pretext: str) -> dict:
   run_dir = os.path.join(args.workdir, phase, row)
   done = os.path.join(run_dir, "done.json")
   data = trained_on(config, data_dir)
+  settings = recipe(config)
   timings = {}
   if os.path.exists(done):
-    check_reusable(done, data)
+    check_reusable(done, data, settings)
   else:
     start = time.time()
     train.train_and_evaluate(config, run_dir)
     timings["train_s"] = time.time() - start
     with open(done, "w") as f:
-      json.dump({**timings, "data": data}, f)
+      json.dump({**timings, "data": data, "recipe": settings}, f)
   config.mode = "eval"
   config.eval.checkpoint = run_dir
   config.eval.split = args.split

@@ -40,3 +40,29 @@ def test_a_finished_run_on_other_data_is_not_reused(tmp_path):
   done.write_text(json.dumps({"train_s": 1.0}))   # a run from before the check
   with pytest.raises(SystemExit, match="not recorded"):
     paper_tables.check_reusable(str(done), data)
+
+
+def test_a_finished_run_with_another_recipe_is_not_reused(tmp_path, capsys):
+  """A rerun reuses a finished run only if its row's config trains the same way as then (the `:demo` recipe may have
+  changed since): another setting stops it, naming the setting; where it is written, how often it logs and how it is
+  evaluated do not; a setting the record lacks (an option added since) is not compared; a run recorded before the
+  recipe was kept is reused with a warning."""
+  from tests.conftest import smoke_config  # pylint: disable=g-import-not-at-top
+
+  config = smoke_config()
+  data = paper_tables.trained_on(config, str(tmp_path / "data"))
+  trained = paper_tables.recipe(config)
+  assert trained["loss.pixel_weight"] == config.loss.pixel_weight and "mode" not in trained
+  done = tmp_path / "done.json"
+  done.write_text(json.dumps({"train_s": 1.0, "data": data, "recipe": trained}))
+  config.train.log_every, config.data.dir, config.eval.split = 7, "/elsewhere", "validation"
+  paper_tables.check_reusable(str(done), data, paper_tables.recipe(config))   # reused
+  now = paper_tables.recipe(config)
+  now["registration.an_option_added_since"] = 1
+  paper_tables.check_reusable(str(done), data, now)   # reused: not in the record
+  config.registration.enabled = True
+  with pytest.raises(SystemExit, match=r"other settings .*registration\.enabled: false -> true.*Delete that run"):
+    paper_tables.check_reusable(str(done), data, paper_tables.recipe(config))
+  done.write_text(json.dumps({"train_s": 1.0, "data": data}))   # a run from before the recipe was kept
+  paper_tables.check_reusable(str(done), data, paper_tables.recipe(config))
+  assert "does not record the settings" in capsys.readouterr().err
