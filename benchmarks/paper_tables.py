@@ -123,7 +123,10 @@ _NOT_RECIPE = ("mode", "eval", "distributed", "data.dir", "perceptual.pretext_ch
 
 
 def recipe(config) -> dict:
-  """The settings a run was trained with, flattened to dotted keys (JSON values), kept in the run's `done.json`."""
+  """The settings a run was trained with, flattened to dotted keys (JSON values, as a checkpoint keeps its config),
+  kept in the run's `done.json`."""
+  from vcect_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
   flat = {}
 
   def walk(prefix, node):
@@ -136,7 +139,7 @@ def recipe(config) -> dict:
       else:
         flat[name] = value
 
-  walk("", json.loads(config.to_json()))
+  walk("", checkpoint.config_to_json(config))
   return flat
 
 
